@@ -1,0 +1,90 @@
+"""A store that keeps everything in process memory.
+
+For the benchmark of the bare runtime and for unit tests: it keeps the store
+contract but nothing survives the process (`persistent = False`), so the
+runtime does not even build checkpoint records for it.
+"""
+from __future__ import annotations
+
+from ..ports.store import ACTIVE_STATES, Checkpoint, HistoryEntry, NewOrder, StoredOrder
+
+
+class MemoryStore:
+    persistent = False
+
+    def __init__(self, keep_history: bool = True) -> None:
+        self.keep_history = keep_history
+        self._orders: dict[str, StoredOrder] = {}
+        self._by_external: dict[tuple[str, str], str] = {}
+        self._history: dict[str, list[HistoryEntry]] = {}
+        self._sequences: dict[str, int] = {}
+        self._created_at: dict[str, float] = {}
+
+    async def open(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def create(self, orders: list[NewOrder]) -> list[tuple[str, bool]]:
+        return [self._create(order) for order in orders]
+
+    def _create(self, order: NewOrder) -> tuple[str, bool]:
+        existing = self._by_external.get((order.source, order.external_id))
+        if existing is not None:
+            return existing, False
+        self._insert(order)
+        self._log(HistoryEntry(order.order_no, "intake", "created", "", order.at))
+        return order.order_no, True
+
+    def _insert(self, o: NewOrder) -> None:
+        if (o.source, o.external_id) in self._by_external:
+            return
+        self._by_external[(o.source, o.external_id)] = o.order_no
+        self._created_at[o.order_no] = o.at
+        self._orders[o.order_no] = StoredOrder(o.order_no, o.kind, o.state, o.stage, o.status, 0, None,
+                                               o.doc, o.parent_no, o.at)
+
+    async def checkpoint(self, records: list[Checkpoint]) -> None:
+        for r in records:
+            old = self._orders.get(r.order_no)
+            if old is None:
+                continue
+            self._orders[r.order_no] = old._replace(state=r.state, stage=r.stage, status=r.status,
+                                                    attempts=r.attempts, wake_at=r.wake_at, doc=r.doc,
+                                                    updated_at=r.at)
+            self._log(HistoryEntry(r.order_no, r.from_stage, r.outcome, r.reason, r.at))
+            for child in r.children:
+                self._insert(child)
+
+    def _log(self, entry: HistoryEntry) -> None:
+        if self.keep_history:
+            self._history.setdefault(entry.order_no, []).append(entry)
+
+    async def get(self, order_no: str) -> StoredOrder | None:
+        return self._orders.get(order_no)
+
+    async def active(self) -> list[StoredOrder]:
+        found = [o for o in self._orders.values() if o.state in ACTIVE_STATES]
+        return sorted(found, key=lambda o: self._created_at[o.order_no])
+
+    async def in_state(self, state: str, limit: int = 100, after: str = "") -> list[StoredOrder]:
+        found = sorted(no for no, o in self._orders.items() if o.state == state and no > after)
+        return [self._orders[no] for no in found[:limit]]
+
+    async def children(self, parent_no: str) -> list[StoredOrder]:
+        return sorted((o for o in self._orders.values() if o.parent_no == parent_no), key=lambda o: o.order_no)
+
+    async def history(self, order_no: str) -> list[HistoryEntry]:
+        return list(self._history.get(order_no, []))
+
+    async def next_block(self, name: str, size: int) -> int:
+        first = self._sequences.get(name, 1)
+        self._sequences[name] = first + size
+        return first
+
+    async def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for o in self._orders.values():
+            counts[o.state] = counts.get(o.state, 0) + 1
+        return counts

@@ -1,0 +1,225 @@
+"""The embedded durable store: one SQLite file in WAL mode.
+
+All writes go through one writer thread that commits whatever accumulated
+while the previous commit ran in one transaction (group commit): a thousand
+stage boundaries cost one commit, not a thousand. Reads use their own thread
+and connection (WAL lets them run beside the writer).
+
+With `synchronous=NORMAL` a commit survives the process being killed (the
+crash the pipeline is built for); `full` also survives power loss.
+"""
+from __future__ import annotations
+
+import asyncio
+import queue
+import sqlite3
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+from .. import sqlfiles
+from ..ports.store import Checkpoint, HistoryEntry, NewOrder, StoredOrder
+
+Q = sqlfiles.queries("sqlite")
+
+
+def connect(path: str, synchronous: str = "normal") -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+def migrate(conn: sqlite3.Connection) -> list[str]:
+    """Apply the numbered migrations not yet applied; returns their names."""
+    conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations "
+                 "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)")
+    done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+    applied = []
+    for version, name, sql in sqlfiles.migrations("sqlite"):
+        if version in done:
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in filter(str.strip, sql.split(";")):
+                conn.execute(statement)
+            conn.execute("INSERT INTO schema_migrations VALUES (?, ?, ?)", (version, name, time.time()))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        applied.append(f"{version:03d}_{name}")
+    return applied
+
+
+class _Request:
+    __slots__ = ("op", "arg", "future", "result")
+
+    def __init__(self, op: Callable, arg: Any, future: asyncio.Future) -> None:
+        self.op, self.arg, self.future, self.result = op, arg, future, None
+
+
+class SqliteStore:
+    persistent = True
+
+    def __init__(self, path: str, *, max_batch: int = 5000, synchronous: str = "normal") -> None:
+        self.path = path
+        self.max_batch = max_batch
+        self.synchronous = synchronous
+        self._requests: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="sqlite-read")
+        self._read_conn: sqlite3.Connection | None = None
+        self.commits = 0  # transactions committed (group-commit efficiency = requests / commits)
+
+    async def open(self) -> None:
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        conn = connect(self.path, self.synchronous)
+        migrate(conn)
+        self._writer = threading.Thread(target=self._write_loop, args=(conn,), name="sqlite-write", daemon=True)
+        self._writer.start()
+        self._read_conn = await self._read(lambda: connect(self.path, self.synchronous))
+
+    async def close(self) -> None:
+        if self._writer:
+            self._requests.put(None)
+            await asyncio.get_running_loop().run_in_executor(None, self._writer.join)
+            self._writer = None
+        if self._read_conn:
+            await self._read(self._read_conn.close)
+            self._read_conn = None
+        self._reader.shutdown(wait=True)
+
+    # -- writes: group commit -------------------------------------------------
+
+    async def create(self, orders: list[NewOrder]) -> list[tuple[str, bool]]:
+        return await self._write(_create, orders)
+
+    async def checkpoint(self, records: list[Checkpoint]) -> None:
+        await self._write(_checkpoint, records)
+
+    async def next_block(self, name: str, size: int) -> int:
+        return await self._write(_next_block, (name, size))
+
+    async def _write(self, op: Callable, arg: Any) -> Any:
+        if self._writer is None:
+            raise RuntimeError("the store is not open")
+        future = asyncio.get_running_loop().create_future()
+        self._requests.put(_Request(op, arg, future))
+        return await future
+
+    def _write_loop(self, conn: sqlite3.Connection) -> None:
+        try:
+            while True:
+                first = self._requests.get()
+                if first is None:
+                    return
+                batch = [first]
+                while len(batch) < self.max_batch:
+                    try:
+                        nxt = self._requests.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt is None:
+                        self._requests.put(None)  # finish this batch, then stop
+                        break
+                    batch.append(nxt)
+                self._commit(conn, batch)
+        finally:
+            conn.close()
+
+    def _commit(self, conn: sqlite3.Connection, batch: list[_Request]) -> None:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for request in batch:
+                request.result = request.op(conn, request.arg)
+            conn.execute("COMMIT")
+            self.commits += 1
+            _resolve(batch, None)
+        except BaseException as exc:  # noqa: BLE001 - handed to every waiting caller
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            _resolve(batch, exc)
+
+    # -- reads ----------------------------------------------------------------
+
+    async def _read(self, fn: Callable[[], Any]) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._reader, fn)
+
+    async def _rows(self, sql: str, *args: Any) -> list[tuple]:
+        return await self._read(lambda: self._read_conn.execute(sql, args).fetchall())
+
+    async def get(self, order_no: str) -> StoredOrder | None:
+        rows = await self._rows(Q["get_order"], order_no)
+        return StoredOrder(*rows[0]) if rows else None
+
+    async def active(self) -> list[StoredOrder]:
+        return [StoredOrder(*r) for r in await self._rows(Q["active_orders"])]
+
+    async def in_state(self, state: str, limit: int = 100, after: str = "") -> list[StoredOrder]:
+        return [StoredOrder(*r) for r in await self._rows(Q["orders_in_state"], state, after, limit)]
+
+    async def children(self, parent_no: str) -> list[StoredOrder]:
+        return [StoredOrder(*r) for r in await self._rows(Q["children"], parent_no)]
+
+    async def history(self, order_no: str) -> list[HistoryEntry]:
+        return [HistoryEntry(*r) for r in await self._rows(Q["order_history"], order_no)]
+
+    async def counts(self) -> dict[str, int]:
+        return dict(await self._rows(Q["counts"]))
+
+
+def _resolve(batch: list[_Request], error: BaseException | None) -> None:
+    loops: dict[asyncio.AbstractEventLoop, list[_Request]] = {}
+    for request in batch:
+        loops.setdefault(request.future.get_loop(), []).append(request)
+    for loop, requests in loops.items():
+        try:
+            loop.call_soon_threadsafe(_settle, requests, error)
+        except RuntimeError:
+            pass  # that loop is closed: nobody is waiting any more
+
+
+def _settle(requests: list[_Request], error: BaseException | None) -> None:
+    for request in requests:
+        if request.future.done():
+            continue
+        if error is None:
+            request.future.set_result(request.result)
+        else:
+            request.future.set_exception(error)
+
+
+def _insert_row(conn: sqlite3.Connection, o: NewOrder) -> bool:
+    cur = conn.execute(Q["create_order"], (o.order_no, o.source, o.external_id, o.kind, o.state,
+                                           o.stage, o.status, o.parent_no, o.doc, o.at, o.at))
+    return cur.rowcount == 1
+
+
+def _create(conn: sqlite3.Connection, orders: list[NewOrder]) -> list[tuple[str, bool]]:
+    return [_create_one(conn, order) for order in orders]
+
+
+def _create_one(conn: sqlite3.Connection, order: NewOrder) -> tuple[str, bool]:
+    if _insert_row(conn, order):
+        conn.execute(Q["history"], (order.order_no, "intake", "created", "", order.at))
+        return order.order_no, True
+    return conn.execute(Q["order_no_by_external"], (order.source, order.external_id)).fetchone()[0], False
+
+
+def _checkpoint(conn: sqlite3.Connection, records: list[Checkpoint]) -> None:
+    conn.executemany(Q["checkpoint"], [(r.state, r.stage, r.status, r.attempts, r.wake_at, r.doc,
+                                        r.at, r.order_no) for r in records])
+    conn.executemany(Q["history"], [(r.order_no, r.from_stage, r.outcome, r.reason, r.at) for r in records])
+    for record in records:
+        for child in record.children:
+            _insert_row(conn, child)
+
+
+def _next_block(conn: sqlite3.Connection, arg: tuple[str, int]) -> int:
+    name, size = arg
+    after = conn.execute(Q["next_block"], (name, size + 1)).fetchone()[0]
+    return after - size

@@ -1,0 +1,178 @@
+"""Typed, frozen settings loaded from TOML with environment overrides.
+
+An unknown key or a bad value stops startup with the file, the key and the
+reason (`ConfigError`). Environment variables `OMS__SECTION__KEY=value` override
+the file; the value is read as a TOML value when it parses as one (numbers,
+booleans, quoted strings), else as a plain string.
+"""
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "oms.toml"
+
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names file, key and reason."""
+
+
+class _Frozen(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class RetrySettings(_Frozen):
+    max_attempts: Positive = 5
+    base_delay: NonNegative = 0.5
+    factor: Annotated[float, msgspec.Meta(ge=1)] = 2.0
+    max_delay: NonNegative = 60.0
+    jitter: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.2
+
+
+class StageSettings(_Frozen):
+    """Per-stage runtime settings. Unset values fall back to [stage_defaults.<kind>]."""
+
+    pool: Positive | None = None
+    queue: Positive | None = None
+    timeout: PositiveFloat | None = None
+    batch: Positive | None = None
+    mode: Literal["inline", "process"] | None = None  # cpu stages only
+    retry: RetrySettings | None = None
+    settings: dict[str, Any] = {}  # the stage's own business settings
+
+
+class KindDefaults(_Frozen):
+    pool: Positive
+    queue: Positive = 1000
+    timeout: PositiveFloat = 10.0
+    batch: Positive = 256
+    mode: Literal["inline", "process"] = "inline"
+
+
+class StageDefaults(_Frozen):
+    io: KindDefaults = KindDefaults(pool=32)
+    cpu: KindDefaults = KindDefaults(pool=2)
+    retry: RetrySettings = RetrySettings()
+
+
+class DaemonSettings(_Frozen):
+    instance_id: Annotated[int, msgspec.Meta(ge=0, le=999)] = 0
+    shutdown_grace: NonNegative = 10.0
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    order_no_key: str = "change-me-in-production"
+    process_workers: Positive = 2  # size of the shared process pool for `cpu` stages in process mode
+
+
+class StoreSettings(_Frozen):
+    url: str = "sqlite:///var/oms.sqlite3"
+    checkpoint_max_batch: Positive = 5000
+    synchronous: Literal["normal", "full"] = "normal"  # SQLite only
+
+
+class BrokerSettings(_Frozen):
+    url: str = "memory://"
+
+
+class CoordinationSettings(_Frozen):
+    url: str = "memory://"
+
+
+class HttpSettings(_Frozen):
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8480
+    token: str = ""
+    max_body_bytes: Positive = 1_048_576
+
+
+class MetricsSettings(_Frozen):
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 9480  # 0: no metrics server
+
+
+class IntakeSettings(_Frozen):
+    max_lines: Positive = 200
+    queue: Positive = 2000  # orders accepted but not yet in the first stage
+
+
+class RoutingSettings(_Frozen):
+    file: str = "routes.toml"  # relative to the config file
+
+
+class Settings(_Frozen):
+    daemon: DaemonSettings = DaemonSettings()
+    store: StoreSettings = StoreSettings()
+    broker: BrokerSettings = BrokerSettings()
+    coordination: CoordinationSettings = CoordinationSettings()
+    http: HttpSettings = HttpSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    intake: IntakeSettings = IntakeSettings()
+    routing: RoutingSettings = RoutingSettings()
+    stage_defaults: StageDefaults = StageDefaults()
+    stages: dict[str, StageSettings] = {}
+    downstream: dict[str, Any] = {}  # simulated downstream systems (see adapters/simulated.py)
+    source: str = ""  # the file this came from (set by load())
+    base_dir: str = ""  # relative paths in the file are taken from here
+
+
+def load(path: str | os.PathLike | None = None, env: dict[str, str] | None = None) -> Settings:
+    """Read, override from the environment, and validate a config file."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    _apply_env(raw, os.environ if env is None else env, path)
+    return from_mapping(raw, source=str(path), base_dir=str(path.resolve().parent))
+
+
+def from_mapping(raw: dict[str, Any], *, source: str = "<mapping>", base_dir: str = ".") -> Settings:
+    data = dict(raw, source=source, base_dir=base_dir)
+    try:
+        return msgspec.convert(data, Settings)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {_explain(exc)}") from None
+
+
+def _explain(exc: msgspec.ValidationError) -> str:
+    # msgspec says "Expected `int`, got `str` - at `$.stages.fill.pool`"; lead with the key.
+    text = str(exc)
+    if " - at `$." in text:
+        reason, key = text.rsplit(" - at `$.", 1)
+        return f"key {key.rstrip('`')}: {reason}"
+    return text
+
+
+def _apply_env(raw: dict[str, Any], env: Any, path: Path) -> None:
+    for name, text in env.items():
+        if not name.startswith("OMS__"):
+            continue
+        keys = [k.lower() for k in name[5:].split("__")]
+        node = raw
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{path}: env {name}: {key} is not a table")
+        node[keys[-1]] = _env_value(text)
+
+
+def _env_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def resolve_path(settings: Settings, relative: str) -> Path:
+    """A path from the config file, taken relative to the file's folder."""
+    p = Path(relative)
+    return p if p.is_absolute() else Path(settings.base_dir) / p

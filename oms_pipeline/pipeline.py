@@ -1,0 +1,388 @@
+"""The staged pipeline: workers wired by the routing table, checkpointed through the store.
+
+`advance()` is the one place an order moves: it records the stage boundary
+(one durable checkpoint per batch when the store is persistent), then hands
+each order to its next stage's queue (waiting while that queue is full), to
+the timers (park, retry backoff), or to an end (done, cancelled, manual,
+split). Every order this instance is working on is in `in_flight`, so a
+stray timer or a duplicate replay can never run an order twice at once.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any, Callable, Iterable, Mapping
+
+import anyio
+
+from . import order as order_codec
+from . import routing
+from .clock import Clock
+from .config import Settings
+from .metrics import E2E_BUCKETS, Histogram
+from .order import Order
+from .outcome import Outcome, manual
+from .ports import store as st
+from .ports.store import Checkpoint, NewOrder, Store, StoredOrder
+from .ports.timers import Due, Timers
+from .retry import backoff
+from .stage import StageSpec
+from .worker import StageConfig, StageWorker
+
+log = logging.getLogger("oms.pipeline")
+
+END_STATES = {routing.DONE: st.DONE, routing.CANCELLED: st.CANCELLED,
+              routing.MANUAL: st.MANUAL, routing.SPLIT: st.SPLIT}
+END_STATUS = {routing.DONE: "DISPATCHED", routing.CANCELLED: "CANCELLED",
+              routing.MANUAL: "MANUAL_REVIEW", routing.SPLIT: "SPLIT"}
+IN_FULFILMENT = "IN_FULFILMENT"
+
+
+class Job:
+    """An order this instance is moving through the stages."""
+
+    __slots__ = ("order", "route", "stage", "attempts", "started")
+
+    def __init__(self, order: Order, route: routing.Route, stage: str, attempts: int, started: float) -> None:
+        self.order = order
+        self.route = route
+        self.stage = stage
+        self.attempts = attempts
+        self.started = started
+
+
+def stage_configs(settings: Settings, specs: Mapping[str, StageSpec]) -> dict[str, StageConfig]:
+    """Each stage's settings, falling back to the defaults of its kind."""
+    unknown = set(settings.stages) - set(specs)
+    if unknown:
+        raise ValueError(f"{settings.source}: [stages.{sorted(unknown)[0]}] is not a known stage")
+    out = {}
+    for name, spec in specs.items():
+        own = settings.stages.get(name)
+        kind = getattr(settings.stage_defaults, spec.kind)
+        pick = lambda key: getattr(own, key, None) if own and getattr(own, key) is not None else getattr(kind, key)  # noqa: E731
+        retry_policy = own.retry if own and own.retry else settings.stage_defaults.retry
+        out[name] = StageConfig(pick("pool"), pick("queue"), pick("timeout"), pick("batch"), pick("mode"),
+                                retry_policy, {**spec.defaults, **(own.settings if own else {})})
+    return out
+
+
+class Pipeline:
+    def __init__(self, settings: Settings, specs: Mapping[str, StageSpec], table: routing.RoutingTable,
+                 store: Store, timers: Timers, coordination: Any, ports: Any, clock: Clock,
+                 flag_names: Callable[[str], Iterable[str]] = lambda flags: (), seed: int | None = None) -> None:
+        self.settings = settings
+        self.specs = dict(specs)
+        self.table = table
+        self.store = store
+        self.timers = timers
+        self.coordination = coordination
+        self.ports = ports
+        self.clock = clock
+        self.flag_names = flag_names
+        self.rng = random.Random(seed)
+        self.workers = {name: StageWorker(spec, cfg, self)
+                        for (name, spec), cfg in zip(self.specs.items(), stage_configs(settings, specs).values())}
+        self.in_flight: set[str] = set()
+        self.finished: dict[str, int] = {}
+        self.e2e = Histogram(E2E_BUCKETS)
+        self.state_counts: dict[str, int] = {}
+        self.intake_count = 0
+        self.listeners: list[Callable[[str, str, Order], Any]] = []  # (end, reason, order) at each end
+        self._pool: ProcessPoolExecutor | None = None
+        self._accepting = True
+        self._changed = anyio.Event()
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run the workers and timers until cancelled; resumes stored work first."""
+        async with anyio.create_task_group() as self._tg:
+            for worker in self.workers.values():
+                self._tg.start_soon(worker.run)
+            self._tg.start_soon(self.timers.run, self._on_due)
+            self._tg.start_soon(self._resume_stored)
+            task_status.started()
+
+    async def drain(self, grace: float) -> bool:
+        """Stop taking work; let in-flight batches finish and checkpoint. True if all did in time."""
+        self._accepting = False
+        for worker in self.workers.values():
+            worker.stop_taking()
+        with anyio.move_on_after(grace) as scope:
+            for worker in self.workers.values():
+                await worker.wait_idle()
+        return not scope.cancelled_caught
+
+    def stop(self) -> None:
+        if self._tg is not None:
+            self._tg.cancel_scope.cancel()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def process_pool(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            from .cpu_pool import make_pool
+            self._pool = make_pool(self.settings.daemon.process_workers)
+        return self._pool
+
+    def replace_process_pool(self) -> None:
+        old, self._pool = self._pool, None
+        if old is not None:
+            old.shutdown(wait=False, cancel_futures=True)
+
+    def reconfigure(self, settings: Settings) -> None:
+        """Live reload of pool sizes, queue bounds, timeouts and retry policies."""
+        configs = stage_configs(settings, self.specs)
+        self.settings = settings
+        for name, config in configs.items():
+            self.workers[name].reconfigure(config)
+
+    # -- intake ---------------------------------------------------------------
+
+    def route_of(self, order: Order) -> routing.Route:
+        return self.table.route_for(order.kind, self.flag_names(order.flags))
+
+    async def submit(self, order: Order, *, wait_pay: bool = False) -> tuple[str, bool]:
+        """Store a new order (idempotent on source + external id) and start it.
+
+        Returns (order number, created). Waits while the first stage's queue is
+        full: that wait is what stops intake under backpressure."""
+        return (await self.submit_many([order], wait_pay=wait_pay))[0]
+
+    async def submit_many(self, orders: list[Order], *, wait_pay: bool = False) -> list[tuple[str, bool]]:
+        """`submit` for a batch of orders: one store round trip for all of them."""
+        if not self._accepting:
+            raise ShuttingDown("the pipeline is shutting down")
+        now = self.clock.now()
+        state, status = (st.WAIT_PAY, "WAIT_PAY") if wait_pay else (st.QUEUED, IN_FULFILMENT)
+        jobs, rows = [], []
+        for order in orders:
+            route = self.route_of(order)
+            order.status = status
+            order.timestamps[status] = now
+            jobs.append(Job(order, route, route.first, 0, now))
+            rows.append(NewOrder(order.order_no, order.source, order.external_id, order.kind, state,
+                                 route.first, status, now, order_codec.encode(order), order.parent_no))
+        results = await self.store.create(rows)
+        started = [job for job, (_, created) in zip(jobs, results) if created]
+        self.intake_count += len(started)
+        if state == st.QUEUED:
+            await self._start_many(started)
+        return results
+
+    async def release(self, order_no: str, status: str, reason: str) -> bool:
+        """Start an order that was waiting (paid, or replayed from the exception centre)."""
+        stored = await self.store.get(order_no)
+        if stored is None or stored.state not in (st.WAIT_PAY, st.MANUAL) or order_no in self.in_flight:
+            return False
+        order = order_codec.decode(stored.doc)
+        now = self.clock.now()
+        order.status = status
+        order.timestamps[status] = now
+        job = Job(order, self.route_of(order), stored.stage, 0, now)
+        await self._checkpoint([self._record(job, stored.stage, "release", reason, st.QUEUED, stored.stage, None)])
+        await self._start(job)
+        return True
+
+    async def _start(self, job: Job) -> None:
+        await self._start_many([job])
+
+    async def _start_many(self, jobs: list[Job]) -> None:
+        """Put orders into their stage's queue (waiting for room), unless already in flight."""
+        by_stage: dict[str, list[Job]] = {}
+        for job in jobs:
+            if job.order.order_no in self.in_flight:
+                continue
+            self.in_flight.add(job.order.order_no)
+            if job.stage in self.workers:
+                by_stage.setdefault(job.stage, []).append(job)
+            else:
+                self._end(job, job.stage, "")
+        for stage, queued in by_stage.items():
+            await self.workers[stage].queue.put_many(queued)
+
+    # -- the hop --------------------------------------------------------------
+
+    async def advance(self, worker: StageWorker, batch: list[Job], outcomes: list[Outcome]) -> None:
+        stage = worker.name
+        now = self.clock.now()
+        persistent = self.store.persistent
+        records: list[Checkpoint] = []
+        moves: dict[str, list[Job]] = {}
+        later: list[tuple[Job, float]] = []
+        ends: list[tuple[Job, str, str]] = []
+        workers = self.workers
+        for job, outcome in zip(batch, outcomes):
+            kind = outcome.kind
+            children: list[Job] | tuple = ()
+            if kind == "next" or kind == "skip":
+                target = job.route.targets[stage][kind]
+                job.attempts = 0
+                if target in workers:  # the common case, kept short
+                    job.stage = target
+                    queue = moves.get(target)
+                    if queue is None:
+                        queue = moves[target] = []
+                    queue.append(job)
+                    if persistent:
+                        records.append(self._record(job, stage, kind, outcome.reason, st.QUEUED, target, None, now))
+                    continue
+            else:
+                outcome, target, wake = self._divert(worker, job, outcome, now)
+                kind = outcome.kind
+                if wake is not None:
+                    later.append((job, wake))
+                    if persistent:
+                        records.append(self._record(job, stage, kind, outcome.reason, st.PARKED, stage, wake, now))
+                    continue
+                if kind == "split":
+                    children = self._children(job, outcome)
+                    ends.extend((child, child.stage, "") for child in children)
+            if target in self.workers:
+                job.stage = target
+                moves.setdefault(target, []).append(job)
+                state = st.QUEUED
+            else:
+                ends.append((job, target, outcome.reason))
+                state = END_STATES[target]
+            if persistent:
+                records.append(self._record(job, stage, kind, outcome.reason, state, target, None, now, children))
+        if records:
+            await self._checkpoint(records)
+        for target, jobs in moves.items():
+            if self._accepting:
+                await self.workers[target].queue.put_many(jobs)
+            else:
+                self.in_flight.difference_update(j.order.order_no for j in jobs)  # resumes from the checkpoint
+        for job, wake in later:
+            self.in_flight.discard(job.order.order_no)
+            await self.timers.schedule("resume", job.order.order_no, wake)
+        for job, end, reason in ends:
+            if end in self.workers:
+                await self._start(job)  # a split child starting its own way
+            else:
+                self._end(job, end, reason)
+
+    def _divert(self, worker: StageWorker, job: Job, outcome: Outcome, now: float) -> tuple[Outcome, str, float | None]:
+        """Outcomes other than next/skip: (outcome, target, wake time if it waits)."""
+        if outcome.kind == "retry":
+            job.attempts += 1
+            policy = worker.config.retry
+            if job.attempts >= policy.max_attempts:
+                outcome = manual(f"gave up after {job.attempts} attempts: {outcome.reason}")
+            else:
+                delay = outcome.delay if outcome.delay is not None else backoff(policy, job.attempts, self.rng)
+                return outcome, worker.name, now + delay
+        elif outcome.kind == "park":
+            job.attempts = 0
+            return outcome, worker.name, outcome.until if outcome.until is not None else now
+        return outcome, job.route.target(worker.name, outcome.kind), None
+
+    def _children(self, parent: Job, outcome: Outcome) -> list[Job]:
+        """Jobs for a split's child orders: each goes on from the stage after the split."""
+        jobs = []
+        for child in outcome.children:
+            child.parent_no = parent.order.order_no
+            route = self.route_of(child)
+            first = route.targets[parent.stage]["next"] if parent.stage in route.targets else route.first
+            jobs.append(Job(child, route, first, 0, parent.started))
+        parent.order.children = [c.order.order_no for c in jobs]
+        return jobs
+
+    def _record(self, job: Job, stage: str, outcome: str, reason: str, state: str, target: str,
+                wake: float | None, now: float | None = None, children: list[Job] = ()) -> Checkpoint:
+        now = self.clock.now() if now is None else now
+        order = job.order
+        if target in END_STATUS:
+            order.status = END_STATUS[target]
+            order.timestamps[order.status] = now
+        new = tuple(NewOrder(c.order.order_no, c.order.source, f"{order.external_id}#{c.order.order_no}",
+                             c.order.kind, st.QUEUED, c.stage, c.order.status, now,
+                             order_codec.encode(c.order), order.order_no) for c in children)
+        return Checkpoint(order.order_no, stage, outcome, reason, now, state, target, order.status,
+                          job.attempts, wake, order_codec.encode(order), new)
+
+    async def _checkpoint(self, records: list[Checkpoint]) -> None:
+        if self.store.persistent:
+            await self.store.checkpoint(records)
+
+    def _end(self, job: Job, end: str, reason: str) -> None:
+        order = job.order
+        self.in_flight.discard(order.order_no)
+        self.finished[end] = self.finished.get(end, 0) + 1
+        if end == routing.DONE:
+            self.e2e.observe(max(0.0, self.clock.now() - job.started))
+        if order.parent_no and end in (routing.DONE, routing.CANCELLED) and self._tg is not None:
+            self._tg.start_soon(self._settle_parent, order.parent_no)
+        for listener in self.listeners:
+            listener(end, reason, order)
+        self._changed.set()
+
+    async def _settle_parent(self, parent_no: str) -> None:
+        """A parent ends once every child has: done if any child was dispatched."""
+        children = await self.store.children(parent_no)
+        if not children or any(c.state not in st.TERMINAL_STATES for c in children):
+            return
+        parent = await self.store.get(parent_no)
+        if parent is None or parent.state != st.SPLIT:
+            return
+        end = routing.DONE if any(c.state == st.DONE for c in children) else routing.CANCELLED
+        order = order_codec.decode(parent.doc)
+        job = Job(order, self.route_of(order), parent.stage, 0, self.clock.now())
+        await self._checkpoint([self._record(job, "children", "settled", "", END_STATES[end], end, None)])
+
+    # -- timers and restart ---------------------------------------------------
+
+    async def _on_due(self, due: list[Due]) -> None:
+        for item in due:
+            if item.purpose == "resume":
+                await self._resume(item.order_no)
+
+    async def _resume(self, order_no: str) -> None:
+        stored = await self.store.get(order_no)
+        if stored is None or stored.state != st.PARKED or order_no in self.in_flight:
+            return
+        if stored.wake_at is not None and stored.wake_at > self.clock.now():
+            await self.timers.schedule("resume", order_no, stored.wake_at)  # a stale, early timer
+            return
+        await self._start(self._job(stored))
+
+    def _job(self, stored: StoredOrder) -> Job:
+        order = order_codec.decode(stored.doc)
+        return Job(order, self.route_of(order), stored.stage, stored.attempts, order.created_at or self.clock.now())
+
+    async def _resume_stored(self) -> None:
+        """After a restart: queued orders go back to their stage, parked ones to the timers."""
+        if not self.store.persistent:
+            return
+        resumed = 0
+        for stored in await self.store.active():
+            if stored.state == st.QUEUED:
+                await self._start(self._job(stored))
+                resumed += 1
+            elif stored.state == st.PARKED:
+                await self.timers.schedule("resume", stored.order_no, stored.wake_at or self.clock.now())
+                resumed += 1
+        if resumed:
+            log.info("resumed stored orders", extra={"event": "resume", "count": resumed})
+
+    async def refresh_state_counts(self) -> None:
+        self.state_counts = await self.store.counts()
+
+    # -- waiting (tests, benchmark, shutdown) ---------------------------------
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        while not predicate():
+            self._changed = anyio.Event()
+            await self._changed.wait()
+
+    def total_finished(self) -> int:
+        return sum(self.finished.values())
+
+
+class ShuttingDown(Exception):
+    """Intake refused: the daemon is stopping."""

@@ -1,0 +1,130 @@
+"""The downstream systems the fulfilment stages and the reverse flow command (DESIGN R-2).
+
+Every method with an effect takes the idempotency key (`StageContext.key(order)`,
+"ORDERNO:stage") first. A second call with the same key has no new effect and
+returns the first call's result, so a stage replayed after a crash never
+double-books. Reads take no key. Failures worth retrying raise
+`TransientError`; requests that can never succeed raise `PermanentError`.
+Money is integer cents.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import msgspec
+
+CHANNELS = ("sms", "wechat", "mini_program", "app_push")
+
+
+class Occupation(msgspec.Struct, frozen=True, kw_only=True):
+    """ERP's answer to an occupation: the lines it could not occupy.
+
+    A short line is not occupied at all; its qty is the qty asked for. The
+    answer is final for its key: asking again with the same key gives it again.
+    """
+
+    occupation_id: str
+    short: list[tuple[str, str, int]] = []  # (sku, warehouse, qty)
+
+
+class StockLevel(msgspec.Struct, frozen=True):
+    sellable: int
+    reserved: int
+    sold: int
+
+
+class Notification(Protocol):
+    async def send(self, key: str, channel: str, recipient: str, template: str,
+                   params: dict[str, Any]) -> str:
+        """Send one message on `channel` (one of CHANNELS); returns the message id."""
+
+
+class Finance(Protocol):
+    async def push_voucher(self, key: str, order_no: str, amount_cents: int, method: str) -> str:
+        """Book the payment voucher of an order; returns the voucher id."""
+
+    async def refund(self, key: str, order_no: str, amount_cents: int, reason: str) -> str:
+        """Book a refund; returns the refund id."""
+
+
+class Product(Protocol):
+    async def tax_rate_bp(self, sku: str) -> int:
+        """The sku's VAT rate in basis points (1300 = 13%)."""
+
+    async def bundle_components(self, sku: str) -> list[tuple[str, int, int]]:
+        """(component sku, qty per bundle, price-spreading weight) of a virtual bundle."""
+
+
+class Risk(Protocol):
+    async def fraud_score(self, order_no: str, member_id: str, phone: str, amount_cents: int) -> int:
+        """0 (clean) to 100 (known cheat)."""
+
+
+class Purchasing(Protocol):
+    async def push_presale(self, key: str, order_no: str, lines: list[tuple[str, int]]) -> str:
+        """Tell purchasing to source presale (sku, qty) lines; returns the request id."""
+
+
+class Tms(Protocol):
+    async def request_waybill(self, key: str, order_no: str, warehouse: str, zone: str) -> str:
+        """A carrier waybill number, unique and stable per key."""
+
+
+class Erp(Protocol):
+    async def occupy(self, key: str, order_no: str, lines: list[tuple[str, str, int]]) -> Occupation:
+        """Occupy (sku, warehouse, qty) lines of ERP stock."""
+
+
+class Wms(Protocol):
+    async def dispatch(self, key: str, order_no: str, payload: dict[str, Any]) -> str:
+        """Hand an order to the warehouse; returns the WMS task id."""
+
+    async def intercept(self, key: str, order_no: str) -> bool:
+        """Stop a dispatched order; False when it was never dispatched or is already out."""
+
+
+class Supplier(Protocol):
+    async def dispatch(self, key: str, order_no: str, supplier: str, payload: dict[str, Any]) -> str:
+        """Hand a drop-shipped order to its supplier; returns the supplier's task id."""
+
+
+class Invoice(Protocol):
+    async def request(self, key: str, order_no: str, title: str, amount_cents: int) -> str:
+        """Request an electronic invoice; returns the invoice request id."""
+
+
+class Inventory(Protocol):
+    """Sellable stock per (sku, warehouse): reserve at intake, confirm or release later.
+
+    The reservation is named by its key; `confirm` and `release` take that key.
+    """
+
+    async def reserve(self, key: str, sku: str, warehouse: str, qty: int) -> bool:
+        """Move qty from sellable to reserved; False (and nothing moved) when short."""
+
+    async def confirm(self, key: str) -> None:
+        """Move the reservation to sold."""
+
+    async def release(self, key: str) -> None:
+        """Give the reservation back to sellable. Releasing a key never reserved
+        makes a later `reserve` with that key refuse, so a cancel that overtakes
+        its own reservation leaves no stock behind."""
+
+    async def stock(self, sku: str, warehouse: str) -> StockLevel:
+        """The current levels (a read)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ports:
+    notification: Notification
+    finance: Finance
+    product: Product
+    risk: Risk
+    purchasing: Purchasing
+    tms: Tms
+    erp: Erp
+    wms: Wms
+    supplier: Supplier
+    invoice: Invoice
+    inventory: Inventory
