@@ -58,7 +58,7 @@ async def main(n: int, batch: int) -> None:
                                                        "cpu": {"pool": 1, "batch": batch, "queue": 2000}}})
     clock = SystemClock()
     names = list(specs())
-    p = Pipeline(settings, specs(), table(names), MemoryStore(keep_history=False), MemoryTimers(clock),
+    p = Pipeline(settings, specs(), table(names), MemoryStore(checkpoints=False), MemoryTimers(clock),
                  LocalCoordination(clock), None, clock)
     orders = [make_order(i) for i in range(n)]
     async with anyio.create_task_group() as tg:

@@ -8,6 +8,7 @@ booleans, quoted strings), else as a plain string.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -137,19 +138,28 @@ def load(path: str | os.PathLike | None = None, env: dict[str, str] | None = Non
 
 def from_mapping(raw: dict[str, Any], *, source: str = "<mapping>", base_dir: str = ".") -> Settings:
     data = dict(raw, source=source, base_dir=base_dir)
+    stages = data.get("stages", {})
+    if isinstance(stages, dict):  # one by one, so an error names the stage, not `stages[...]`
+        data["stages"] = {name: _convert(table, StageSettings, source, f"stages.{name}")
+                          for name, table in stages.items()}
+    return _convert(data, Settings, source, "")
+
+
+def _convert(data: Any, kind: type, source: str, prefix: str) -> Any:
     try:
-        return msgspec.convert(data, Settings)
+        return msgspec.convert(data, kind)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"{source}: {_explain(exc)}") from None
+        raise ConfigError(f"{source}: {_explain(exc, prefix)}") from None
 
 
-def _explain(exc: msgspec.ValidationError) -> str:
-    # msgspec says "Expected `int`, got `str` - at `$.stages.fill.pool`"; lead with the key.
-    text = str(exc)
-    if " - at `$." in text:
-        reason, key = text.rsplit(" - at `$.", 1)
-        return f"key {key.rstrip('`')}: {reason}"
-    return text
+def _explain(exc: msgspec.ValidationError, prefix: str) -> str:
+    # msgspec says "Expected `int`, got `str` - at `$.http.port`"; lead with the key.
+    reason, _, at = str(exc).partition(" - at `$")
+    key = ".".join(filter(None, [prefix, at.rstrip("`").lstrip(".")]))
+    unknown = re.match(r"Object contains unknown field `(\w+)`", reason)
+    if unknown:
+        return f"key {'.'.join(filter(None, [key, unknown[1]]))}: unknown key"
+    return f"key {key}: {reason}" if key else reason
 
 
 def _apply_env(raw: dict[str, Any], env: Any, path: Path) -> None:

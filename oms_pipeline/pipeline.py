@@ -242,6 +242,7 @@ class Pipeline:
                 if kind == "split":
                     children = self._children(job, outcome)
                     ends.extend((child, child.stage, "") for child in children)
+            at = target
             if target in self.workers:
                 job.stage = target
                 moves.setdefault(target, []).append(job)
@@ -249,8 +250,10 @@ class Pipeline:
             else:
                 ends.append((job, target, outcome.reason))
                 state = END_STATES[target]
+                if state == st.MANUAL:
+                    at = stage  # a replay from the exception centre runs this stage again
             if persistent:
-                records.append(self._record(job, stage, kind, outcome.reason, state, target, None, now, children))
+                records.append(self._record(job, stage, kind, outcome.reason, state, at, None, now, children))
         if records:
             await self._checkpoint(records)
         for target, jobs in moves.items():
@@ -266,6 +269,7 @@ class Pipeline:
                 await self._start(job)  # a split child starting its own way
             else:
                 self._end(job, end, reason)
+        self._changed.set()
 
     def _divert(self, worker: StageWorker, job: Job, outcome: Outcome, now: float) -> tuple[Outcome, str, float | None]:
         """Outcomes other than next/skip: (outcome, target, wake time if it waits)."""
@@ -297,8 +301,9 @@ class Pipeline:
                 wake: float | None, now: float | None = None, children: list[Job] = ()) -> Checkpoint:
         now = self.clock.now() if now is None else now
         order = job.order
-        if target in END_STATUS:
-            order.status = END_STATUS[target]
+        end = "@" + state
+        if end in END_STATUS:
+            order.status = END_STATUS[end]
             order.timestamps[order.status] = now
         new = tuple(NewOrder(c.order.order_no, c.order.source, f"{order.external_id}#{c.order.order_no}",
                              c.order.kind, st.QUEUED, c.stage, c.order.status, now,
@@ -320,7 +325,6 @@ class Pipeline:
             self._tg.start_soon(self._settle_parent, order.parent_no)
         for listener in self.listeners:
             listener(end, reason, order)
-        self._changed.set()
 
     async def _settle_parent(self, parent_no: str) -> None:
         """A parent ends once every child has: done if any child was dispatched."""

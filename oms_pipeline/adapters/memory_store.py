@@ -1,8 +1,8 @@
 """A store that keeps everything in process memory.
 
-For the benchmark of the bare runtime and for unit tests: it keeps the store
-contract but nothing survives the process (`persistent = False`), so the
-runtime does not even build checkpoint records for it.
+For unit tests and the benchmark of the bare runtime: it keeps the store
+contract, but nothing survives the process. With `checkpoints=False`
+(the bare-runtime benchmark) the runtime does not even build checkpoint records.
 """
 from __future__ import annotations
 
@@ -10,10 +10,9 @@ from ..ports.store import ACTIVE_STATES, Checkpoint, HistoryEntry, NewOrder, Sto
 
 
 class MemoryStore:
-    persistent = False
-
-    def __init__(self, keep_history: bool = True) -> None:
-        self.keep_history = keep_history
+    def __init__(self, checkpoints: bool = True) -> None:
+        self.persistent = checkpoints
+        self.keep_history = checkpoints
         self._orders: dict[str, StoredOrder] = {}
         self._by_external: dict[tuple[str, str], str] = {}
         self._history: dict[str, list[HistoryEntry]] = {}
@@ -56,6 +55,7 @@ class MemoryStore:
             self._log(HistoryEntry(r.order_no, r.from_stage, r.outcome, r.reason, r.at))
             for child in r.children:
                 self._insert(child)
+                self._log(HistoryEntry(child.order_no, r.from_stage, "created", f"child of {r.order_no}", r.at))
 
     def _log(self, entry: HistoryEntry) -> None:
         if self.keep_history:

@@ -214,9 +214,10 @@ def _checkpoint(conn: sqlite3.Connection, records: list[Checkpoint]) -> None:
     conn.executemany(Q["checkpoint"], [(r.state, r.stage, r.status, r.attempts, r.wake_at, r.doc,
                                         r.at, r.order_no) for r in records])
     conn.executemany(Q["history"], [(r.order_no, r.from_stage, r.outcome, r.reason, r.at) for r in records])
-    for record in records:
-        for child in record.children:
-            _insert_row(conn, child)
+    for r in records:
+        for child in r.children:
+            if _insert_row(conn, child):
+                conn.execute(Q["history"], (child.order_no, r.from_stage, "created", f"child of {r.order_no}", r.at))
 
 
 def _next_block(conn: sqlite3.Connection, arg: tuple[str, int]) -> int:

@@ -71,7 +71,7 @@ class HistoryEntry(NamedTuple):
 
 
 class Store(Protocol):
-    persistent: bool  # False: nothing survives the process (benchmark of the bare runtime)
+    persistent: bool  # False: the runtime skips checkpoints (benchmark of the bare runtime)
 
     async def open(self) -> None: ...
 

@@ -1,0 +1,949 @@
+"""Simulated downstream systems for the demo, the tests and the benchmark (DESIGN R-2).
+
+Three parts:
+
+* `SimSettings`: latency distribution and failure rate per system, a seed,
+  ERP/inventory stock, the fraud rule and the product catalogue, read from the
+  config's `[downstream]` table.
+* `EffectLog`: every effect a simulated system applied, with its idempotency
+  key. A repeated key returns the first result and only counts a duplicate.
+  In memory by default; durable in a SQLite file so the crash tests can check,
+  after a SIGKILL, that each (order, stage) effect was applied exactly once.
+* One simulated class per port, built by `build_simulated_ports`. Their state
+  (stock, dispatched orders, id counters) is rebuilt from the log, so after a
+  restart on a durable log they still answer truthfully.
+
+Failures and latencies are drawn from a hash of (seed, system, operation, key
+or arguments, attempt number since the last success), so the same calls fail
+and wait the same way in any interleaving. A failure is decided before the
+effect, so a failed call has no effect. With latency 0 and failure rate 0 a
+call on the in-memory log never yields to the event loop (the benchmark
+measures the pipeline, not the simulator).
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import queue
+import sqlite3
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import NormalDist
+from typing import Annotated, Any, Callable, Literal, Mapping, TypeVar, get_args, get_origin
+
+import anyio
+import msgspec
+
+from ..order import ZONES
+from ..outcome import PermanentError, TransientError
+from ..ports.downstream import CHANNELS, Occupation, Ports, StockLevel
+
+T = TypeVar("T")
+
+SYSTEMS = ("notification", "finance", "product", "risk", "purchasing", "tms", "erp", "wms",
+           "supplier", "invoice", "inventory")
+
+# ---------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------
+
+NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+Count = Annotated[int, msgspec.Meta(ge=0)]
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+Rate = Annotated[float, msgspec.Meta(ge=0, le=1)]
+BasisPoints = Annotated[int, msgspec.Meta(ge=0, le=10_000)]
+Score = Annotated[int, msgspec.Meta(ge=0, le=100)]
+
+
+class SimSettingsError(ValueError):
+    """A `[downstream]` value cannot be used; the message starts with its key."""
+
+
+class _Frozen(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class Latency(_Frozen):
+    """A per-call delay in milliseconds. mean_ms = 0 means no sleep at all."""
+
+    dist: Literal["fixed", "uniform", "exponential", "lognormal"] = "fixed"
+    mean_ms: NonNegative = 0.0
+    spread_ms: NonNegative | None = None  # uniform: half-width around the mean (default: the mean)
+    sigma: Annotated[float, msgspec.Meta(gt=0)] = 0.5  # lognormal: std dev of log(latency)
+    max_ms: Annotated[float, msgspec.Meta(gt=0)] | None = None  # cap on the tail
+
+    def __post_init__(self) -> None:
+        if self.spread_ms is not None and self.spread_ms > self.mean_ms:
+            raise ValueError(f"spread_ms ({self.spread_ms}) must not exceed mean_ms ({self.mean_ms}): "
+                             "latencies cannot be negative")
+
+    def draw_ms(self, u: float) -> float:
+        """The latency for a uniform draw u in (0, 1) (inverse CDF, so hashes map to delays)."""
+        mean = self.mean_ms
+        if self.dist == "fixed" or mean == 0:
+            ms = mean
+        elif self.dist == "uniform":
+            spread = mean if self.spread_ms is None else self.spread_ms
+            ms = mean - spread + 2 * spread * u
+        elif self.dist == "exponential":
+            ms = -mean * math.log(1 - u)
+        else:  # lognormal with the given arithmetic mean
+            mu = math.log(mean) - self.sigma ** 2 / 2
+            ms = math.exp(mu + self.sigma * NormalDist().inv_cdf(u))
+        return min(ms, self.max_ms) if self.max_ms is not None else ms
+
+
+class ErpSim(_Frozen):
+    default_stock: Count = 1_000_000  # per (sku, warehouse) not listed in `stock`
+    stock: dict[str, dict[str, Count]] = {}  # warehouse -> sku -> qty
+    shortage_rate: Rate = 0.0  # chance a line is short whatever the stock (hash of key and line)
+
+
+class InventorySim(_Frozen):
+    default_stock: Count = 1_000_000  # initial sellable per (sku, warehouse) not listed
+    stock: dict[str, dict[str, Count]] = {}  # warehouse -> sku -> sellable
+
+
+class RiskSim(_Frozen):
+    cheat_members: frozenset[str] = frozenset()  # always score 100
+    cheat_phones: frozenset[str] = frozenset()
+    base_max: Annotated[int, msgspec.Meta(ge=1, le=100)] = 40  # ordinary scores: [0, base_max)
+    large_amount_cents: Count = 500_000
+    large_amount_points: Score = 30  # added at or above large_amount_cents
+
+
+class ProductSim(_Frozen):
+    default_tax_rate_bp: BasisPoints = 1300
+    tax_rates: dict[str, BasisPoints] = {}
+    bundles: dict[str, list[tuple[str, Positive, Positive]]] = {}  # sku -> (component, qty, weight)
+    generate_bundles: bool = True  # an unlisted sku gets 2-3 components derived from its name
+
+
+class SimSettings(_Frozen):
+    seed: int = 0
+    latency: dict[str, Latency] = {}  # per system; "default" for the unlisted ones
+    failure_rate: dict[str, Rate] = {}  # per system; "default" for the unlisted ones
+    erp: ErpSim = ErpSim()
+    inventory: InventorySim = InventorySim()
+    risk: RiskSim = RiskSim()
+    product: ProductSim = ProductSim()
+    effect_log: str = ""  # SQLite file for a durable EffectLog; "" keeps the log in memory
+
+    def __post_init__(self) -> None:
+        for table in ("latency", "failure_rate"):
+            for name in getattr(self, table):
+                if name != "default" and name not in SYSTEMS:
+                    raise SimSettingsError(f"downstream.{table}.{name}: unknown system "
+                                           f"(known: default, {', '.join(SYSTEMS)})")
+
+    def latency_for(self, system: str) -> Latency:
+        return self.latency.get(system) or self.latency.get("default") or _NO_LATENCY
+
+    def failure_rate_for(self, system: str) -> float:
+        return self.failure_rate.get(system, self.failure_rate.get("default", 0.0))
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any] | None) -> "SimSettings":
+        """Build from a config table; a bad value raises SimSettingsError naming its key."""
+        return _convert(raw or {}, cls, "downstream")
+
+
+_NO_LATENCY = Latency()
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """msgspec.convert, walked by hand through tables so an error names the exact key."""
+    if get_origin(tp) is dict:
+        if not isinstance(value, Mapping):
+            raise SimSettingsError(f"{where}: expected a table, got {type(value).__name__}")
+        value_type = get_args(tp)[1]
+        return {str(k): _convert(v, value_type, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
+        if not isinstance(value, Mapping):
+            raise SimSettingsError(f"{where}: expected a table, got {type(value).__name__}")
+        fields = {f.name: f.type for f in msgspec.structs.fields(tp)}
+        for name in value:
+            if name not in fields:
+                raise SimSettingsError(f"{where}.{name}: unknown key (known: {', '.join(fields)})")
+        kwargs = {name: _convert(v, fields[name], f"{where}.{name}") for name, v in value.items()}
+        try:
+            return tp(**kwargs)
+        except SimSettingsError:
+            raise
+        except (ValueError, TypeError) as exc:
+            raise SimSettingsError(f"{where}: {exc}") from None
+    try:
+        return msgspec.convert(value, tp)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        if " - at `$" in text:  # inside a list/tuple: "... - at `$[0][2]`"
+            reason, at = text.rsplit(" - at `$", 1)
+            raise SimSettingsError(f"{where}{at.rstrip('`')}: {reason}") from None
+        raise SimSettingsError(f"{where}: {text}") from None
+
+
+# ---------------------------------------------------------------------------
+# Effect log
+# ---------------------------------------------------------------------------
+
+class Effect(msgspec.Struct, frozen=True):
+    key: str
+    system: str
+    op: str
+    payload: dict[str, Any]  # a small summary, enough to rebuild the system's state
+    result: Any
+    at: float
+
+
+@dataclass(slots=True)
+class _Restored:
+    """A result read back from the file, typed on first use by the caller's result type."""
+
+    value: Any
+
+
+_MISSING = object()
+
+_SCHEMA = (
+    # One idempotency key may reach several systems/operations (a reservation
+    # key is reserved, then confirmed or released), so the key alone is not unique.
+    "CREATE TABLE IF NOT EXISTS effects (key TEXT NOT NULL, system TEXT NOT NULL, op TEXT NOT NULL,"
+    " result TEXT NOT NULL, at REAL NOT NULL, payload TEXT NOT NULL, PRIMARY KEY (key, system, op))",
+    "CREATE TABLE IF NOT EXISTS duplicates (system TEXT PRIMARY KEY, count INTEGER NOT NULL)",
+)
+
+
+class EffectLog:
+    """Every applied effect, at most once per (key, system, op).
+
+    `EffectLog()` keeps it in memory; `EffectLog(path)` also writes it to a
+    SQLite file (call `open()` first, `close()` at the end) and returns from an
+    effect only once its row is committed.
+    """
+
+    def __init__(self, path: str | None = None, *, max_batch: int = 5000) -> None:
+        self.path = path
+        self.duplicates: dict[str, int] = {}  # per system
+        self._results: dict[tuple[str, str, str], Any] = {}
+        self._effects: list[Effect] = []
+        self._writer = _Writer(path, max_batch) if path else None
+        self._pending: dict[tuple[str, str, str], asyncio.Future] = {}
+        self._failed: BaseException | None = None
+
+    @property
+    def durable(self) -> bool:
+        return self._writer is not None
+
+    @property
+    def is_open(self) -> bool:
+        return self._writer is None or self._writer.running
+
+    @property
+    def commits(self) -> int:
+        """Transactions committed (durable log): calls per commit shows the grouping."""
+        return self._writer.commits if self._writer else 0
+
+    async def open(self) -> None:
+        """Start the writer and load what an earlier run stored (a no-op in memory)."""
+        if self._writer is None or self._writer.running:
+            return
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        rows, duplicates = await anyio.to_thread.run_sync(self._writer.start)
+        for key, system, op, result, at, payload in rows:
+            value = msgspec.json.decode(result)
+            self._results[(key, system, op)] = _Restored(value)
+            self._effects.append(Effect(key, system, op, msgspec.json.decode(payload), value, at))
+        self.duplicates.update(duplicates)
+
+    async def close(self) -> None:
+        if self._writer is not None and self._writer.running:
+            await anyio.to_thread.run_sync(self._writer.stop)
+
+    async def __aenter__(self) -> "EffectLog":
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.close()
+
+    async def apply(self, system: str, op: str, key: str, payload: dict[str, Any],
+                    effect: Callable[[], T], *, at: float, result_type: Any = Any) -> T:
+        """Run `effect()` unless (key, system, op) was applied; either way return its result.
+
+        `effect` runs synchronously, so checking the key and applying it cannot
+        interleave with another call. An exception from it records nothing.
+        """
+        if self._failed is not None:
+            raise RuntimeError(f"effect log {self.path}: an earlier commit failed: {self._failed}")
+        if not self.is_open:
+            raise RuntimeError(f"effect log {self.path} is not open: await open() first")
+        ident = (key, system, op)
+        found = self._results.get(ident, _MISSING)
+        if found is not _MISSING:
+            return await self._duplicate(ident, found, result_type)
+        result = effect()
+        self._results[ident] = result
+        row = Effect(key, system, op, payload, result, at)
+        self._effects.append(row)
+        if self._writer is not None:
+            await self._persist(ident, row)
+        return result
+
+    async def _duplicate(self, ident: tuple[str, str, str], found: Any, result_type: Any) -> Any:
+        system = ident[1]
+        self.duplicates[system] = self.duplicates.get(system, 0) + 1
+        if self._writer is not None:
+            self._writer.count_duplicate(system)
+            pending = self._pending.get(ident)
+            if pending is not None:  # the first call's row is not committed yet: neither is this answer
+                await asyncio.shield(pending)
+        if isinstance(found, _Restored):
+            found = found.value if result_type is Any else msgspec.convert(found.value, result_type)
+            self._results[ident] = found
+        return found
+
+    async def _persist(self, ident: tuple[str, str, str], row: Effect) -> None:
+        future = self._writer.submit(row)
+        self._pending[ident] = future
+        future.add_done_callback(lambda f: self._settled(ident, f))
+        # Shielded: a cancelled caller must not cancel the commit other callers share.
+        await asyncio.shield(future)
+
+    def _settled(self, ident: tuple[str, str, str], future: asyncio.Future) -> None:
+        self._pending.pop(ident, None)
+        if not future.cancelled() and future.exception() is not None:
+            # The effect is applied in memory but not stored: nothing after it can be trusted.
+            self._failed = future.exception()
+
+    def applied(self, system: str | None = None) -> list[Effect]:
+        return [e for e in self._effects if system is None or e.system == system]
+
+    def count(self, system: str | None = None) -> int:
+        if system is None:
+            return len(self._effects)
+        return sum(1 for e in self._effects if e.system == system)
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")  # in WAL mode a commit survives a process kill
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+class _Writer:
+    """The durable log's SQLite thread: one transaction for whatever queued during the last commit.
+
+    Callers wait for the commit of their batch, so an effect is on disk before
+    its call returns, yet a thousand concurrent calls cost a handful of commits.
+    """
+
+    def __init__(self, path: str, max_batch: int) -> None:
+        self.path = path
+        self.max_batch = max_batch
+        self.commits = 0
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    def start(self) -> tuple[list[tuple], dict[str, int]]:
+        conn = _connect(self.path)
+        for statement in _SCHEMA:
+            conn.execute(statement)
+        rows = conn.execute("SELECT key, system, op, result, at, payload FROM effects ORDER BY rowid").fetchall()
+        duplicates = dict(conn.execute("SELECT system, count FROM duplicates").fetchall())
+        self._thread = threading.Thread(target=self._loop, args=(conn,), name="effect-log-write", daemon=True)
+        self._thread.start()
+        return rows, duplicates
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self._thread = None
+
+    def submit(self, effect: Effect) -> asyncio.Future:
+        future = asyncio.get_running_loop().create_future()
+        row = (effect.key, effect.system, effect.op, msgspec.json.encode(effect.result).decode(),
+               effect.at, msgspec.json.encode(effect.payload).decode())
+        self._queue.put((row, future))
+        return future
+
+    def count_duplicate(self, system: str) -> None:
+        self._queue.put((system, None))  # nobody waits: a counter, committed with the next batch
+
+    def _loop(self, conn: sqlite3.Connection) -> None:
+        try:
+            while True:
+                batch = [self._queue.get()]
+                if batch[0] is None:
+                    return
+                stop = False
+                while len(batch) < self.max_batch:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is None:
+                        stop = True
+                        break
+                    batch.append(item)
+                self._commit(conn, batch)
+                if stop:
+                    return
+        finally:
+            conn.close()
+
+    def _commit(self, conn: sqlite3.Connection, batch: list[tuple]) -> None:
+        rows = [item for item, future in batch if future is not None]
+        duplicates = Counter(item for item, future in batch if future is None)
+        error: BaseException | None = None
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany("INSERT OR IGNORE INTO effects (key, system, op, result, at, payload) "
+                             "VALUES (?, ?, ?, ?, ?, ?)", rows)
+            conn.executemany("INSERT INTO duplicates VALUES (?, ?) ON CONFLICT (system) "
+                             "DO UPDATE SET count = count + excluded.count", list(duplicates.items()))
+            conn.execute("COMMIT")
+            self.commits += 1
+        except BaseException as exc:  # noqa: BLE001 - handed to every waiting caller
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            error = exc
+        _resolve([future for _, future in batch if future is not None], error)
+
+
+def _resolve(futures: list[asyncio.Future], error: BaseException | None) -> None:
+    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
+    for future in futures:
+        by_loop.setdefault(future.get_loop(), []).append(future)
+    for loop, group in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_settle, group, error)
+        except RuntimeError:
+            pass  # that loop is closed: nobody is waiting any more
+
+
+def _settle(futures: list[asyncio.Future], error: BaseException | None) -> None:
+    for future in futures:
+        if future.done():
+            continue
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
+
+
+def read_effects(path: str) -> list[tuple[str, str, str, Any, float]]:
+    """(key, system, op, result, at) of every stored effect, in commit order.
+
+    Usable from any process, also after the writer was killed: WAL recovery
+    makes every committed transaction visible.
+    """
+    conn = _connect(path)
+    try:
+        rows = conn.execute("SELECT key, system, op, result, at FROM effects ORDER BY rowid").fetchall()
+    finally:
+        conn.close()
+    return [(key, system, op, msgspec.json.decode(result), at) for key, system, op, result, at in rows]
+
+
+def read_duplicates(path: str) -> dict[str, int]:
+    """Duplicate calls per system stored in a durable log file."""
+    conn = _connect(path)
+    try:
+        return dict(conn.execute("SELECT system, count FROM duplicates").fetchall())
+    finally:
+        conn.close()
+
+
+# ---------------------------------------------------------------------------
+# The call path shared by every simulated system
+# ---------------------------------------------------------------------------
+
+def _digest(*parts: Any) -> bytes:
+    return hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=16).digest()
+
+
+def _uniforms(*parts: Any) -> tuple[float, float]:
+    """Two independent draws in the open interval (0, 1) from a hash of `parts`."""
+    d = _digest(*parts)
+    scale = 2.0 ** 64
+    return ((int.from_bytes(d[:8], "big") + 0.5) / scale, (int.from_bytes(d[8:], "big") + 0.5) / scale)
+
+
+def _hash_int(*parts: Any) -> int:
+    return int.from_bytes(_digest(*parts)[:8], "big")
+
+
+class _Channel:
+    """One system's link: latency and failure before the call, the effect log after."""
+
+    def __init__(self, system: str, settings: SimSettings, clock: Any, effects: EffectLog) -> None:
+        self.system = system
+        self.seed = settings.seed
+        self.latency = settings.latency_for(system)
+        self.failure_rate = settings.failure_rate_for(system)
+        self.clock = clock
+        self.effects = effects
+        # Attempts are only counted when something is drawn from them.
+        self._drawn = self.failure_rate > 0 or (self.latency.mean_ms > 0 and self.latency.dist != "fixed")
+        self._attempts: dict[tuple[str, Any], int] = {}
+
+    async def arrive(self, op: str, identity: Any) -> None:
+        """Wait the call's latency, then fail it or let it through (reads use this alone)."""
+        if not self._drawn:
+            if self.latency.mean_ms > 0:
+                await anyio.sleep(self.latency.mean_ms / 1000)
+            return
+        slot = (op, identity)
+        attempt = self._attempts.get(slot, 0)
+        self._attempts[slot] = attempt + 1
+        u_fail, u_latency = _uniforms(self.seed, self.system, op, identity, attempt)
+        if self.latency.mean_ms > 0:
+            await anyio.sleep(self.latency.draw_ms(u_latency) / 1000)
+        if u_fail < self.failure_rate:
+            raise TransientError(f"{self.system}.{op} {identity}: simulated outage (attempt {attempt + 1})")
+        self._attempts.pop(slot, None)  # counts restart after a success: memory stays bounded
+
+    async def effect(self, op: str, key: str, payload: dict[str, Any], apply: Callable[[], T],
+                     result_type: Any = Any) -> T:
+        if not isinstance(key, str) or not key:
+            raise PermanentError(f"{self.system}.{op}: an idempotency key is required, got {key!r}")
+        await self.arrive(op, key)
+        return await self.effects.apply(self.system, op, key, payload, apply,
+                                        at=self.clock.now(), result_type=result_type)
+
+
+class _Ids:
+    """Unique ids per system; restored from logged results so a restart never reuses one."""
+
+    def __init__(self, prefix: str, width: int = 10) -> None:
+        self.prefix, self.width, self.last = prefix, width, 0
+
+    def next(self) -> str:
+        self.last += 1
+        return f"{self.prefix}{self.last:0{self.width}d}"
+
+    def restore(self, issued: str) -> None:
+        if issued.startswith(self.prefix) and issued[len(self.prefix):].isdigit():
+            self.last = max(self.last, int(issued[len(self.prefix):]))
+
+
+def _mask(recipient: str) -> str:
+    """Personal data stays out of the log: 13812345678 -> 138****5678."""
+    if len(recipient) >= 7:
+        return f"{recipient[:3]}****{recipient[-4:]}"
+    return recipient[:1] + "***"
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise PermanentError(message)
+
+
+# ---------------------------------------------------------------------------
+# The simulated systems
+# ---------------------------------------------------------------------------
+
+class SimNotification:
+    def __init__(self, channel: _Channel, settings: SimSettings) -> None:
+        self._ch = channel
+        self._ids = _Ids("MSG")
+        self.sent: Counter[str] = Counter()  # per channel
+
+    async def send(self, key: str, channel: str, recipient: str, template: str,
+                   params: dict[str, Any]) -> str:
+        payload = {"channel": channel, "to": _mask(recipient), "template": template}
+        return await self._ch.effect("send", key, payload, lambda: self._send(channel, recipient, template))
+
+    def _send(self, channel: str, recipient: str, template: str) -> str:
+        _require(channel in CHANNELS, f"notification: unknown channel {channel!r} (known: {', '.join(CHANNELS)})")
+        _require(bool(recipient), "notification: empty recipient")
+        _require(bool(template), "notification: empty template")
+        self.sent[channel] += 1
+        return self._ids.next()
+
+    def replay(self, effect: Effect) -> None:
+        self.sent[effect.payload["channel"]] += 1
+        self._ids.restore(effect.result)
+
+
+class SimFinance:
+    def __init__(self, channel: _Channel, settings: SimSettings) -> None:
+        self._ch = channel
+        self._vouchers, self._refunds = _Ids("FV"), _Ids("RF")
+        self.vouchered: Counter[str] = Counter()  # order -> cents
+        self.refunded: Counter[str] = Counter()
+
+    async def push_voucher(self, key: str, order_no: str, amount_cents: int, method: str) -> str:
+        payload = {"order_no": order_no, "amount": amount_cents, "method": method}
+        return await self._ch.effect("push_voucher", key, payload,
+                                     lambda: self._voucher(order_no, amount_cents))
+
+    async def refund(self, key: str, order_no: str, amount_cents: int, reason: str) -> str:
+        payload = {"order_no": order_no, "amount": amount_cents, "reason": reason}
+        return await self._ch.effect("refund", key, payload, lambda: self._refund(order_no, amount_cents))
+
+    def _voucher(self, order_no: str, amount: int) -> str:
+        _require(amount >= 0, f"finance: voucher amount must not be negative, got {amount}")
+        self.vouchered[order_no] += amount
+        return self._vouchers.next()
+
+    def _refund(self, order_no: str, amount: int) -> str:
+        _require(amount > 0, f"finance: refund amount must be positive, got {amount}")
+        self.refunded[order_no] += amount
+        return self._refunds.next()
+
+    def replay(self, effect: Effect) -> None:
+        if effect.op == "push_voucher":
+            self.vouchered[effect.payload["order_no"]] += effect.payload["amount"]
+            self._vouchers.restore(effect.result)
+        else:
+            self.refunded[effect.payload["order_no"]] += effect.payload["amount"]
+            self._refunds.restore(effect.result)
+
+
+class SimProduct:
+    def __init__(self, channel: _Channel, settings: SimSettings) -> None:
+        self._ch = channel
+        self._settings = settings.product
+        self._seed = settings.seed
+
+    async def tax_rate_bp(self, sku: str) -> int:
+        await self._ch.arrive("tax_rate_bp", sku)
+        return self._settings.tax_rates.get(sku, self._settings.default_tax_rate_bp)
+
+    async def bundle_components(self, sku: str) -> list[tuple[str, int, int]]:
+        await self._ch.arrive("bundle_components", sku)
+        listed = self._settings.bundles.get(sku)
+        if listed is not None:
+            return list(listed)
+        if not self._settings.generate_bundles:
+            return []
+        h = _hash_int(self._seed, "bundle", sku)
+        count = 2 + h % 2
+        return [(f"{sku}-C{i + 1}", 1 + (h >> (2 + i)) % 2, 1 + (h >> (8 + 4 * i)) % 5) for i in range(count)]
+
+    def replay(self, effect: Effect) -> None:
+        pass  # reads only
+
+
+class SimRisk:
+    def __init__(self, channel: _Channel, settings: SimSettings) -> None:
+        self._ch = channel
+        self._settings = settings.risk
+        self._seed = settings.seed
+
+    async def fraud_score(self, order_no: str, member_id: str, phone: str, amount_cents: int) -> int:
+        """100 for known cheats; else a stable per-member base plus points for large amounts."""
+        await self._ch.arrive("fraud_score", order_no)
+        rule = self._settings
+        if member_id in rule.cheat_members or phone in rule.cheat_phones:
+            return 100
+        score = _hash_int(self._seed, "risk", member_id, phone) % rule.base_max
+        if amount_cents >= rule.large_amount_cents:
+            score += rule.large_amount_points
+        return min(score, 99)
+
+    def replay(self, effect: Effect) -> None:
+        pass  # reads only
+
+
+class SimPurchasing:
+    def __init__(self, channel: _Channel, settings: SimSettings) -> None:
+        self._ch = channel
+        self._ids = _Ids("PS")
+        self.presales: dict[str, list[tuple[str, int]]] = {}
+
+    async def push_presale(self, key: str, order_no: str, lines: list[tuple[str, int]]) -> str:
+        payload = {"order_no": order_no, "lines": [[sku, qty] for sku, qty in lines]}
+        return await self._ch.effect("push_presale", key, payload, lambda: self._push(order_no, lines))
+
+    def _push(self, order_no: str, lines: list[tuple[str, int]]) -> str:
+        _require(bool(lines), f"purchasing: presale {order_no} has no lines")
+        _require(all(qty > 0 for _, qty in lines), f"purchasing: presale {order_no} has a line with qty <= 0")
+        self.presales.setdefault(order_no, []).extend((sku, qty) for sku, qty in lines)
+        return self._ids.next()
+
+    def replay(self, effect: Effect) -> None:
+        self.presales.setdefault(effect.payload["order_no"], []).extend(
+            (sku, qty) for sku, qty in effect.payload["lines"])
+        self._ids.restore(effect.result)
+
+
+class SimTms:
+    def __init__(self, channel: _Channel, settings: SimSettings) -> None:
+        self._ch = channel
+        self._ids = _Ids("WB", width=12)
+        self.waybills: dict[str, list[str]] = {}  # order -> waybill numbers
+
+    async def request_waybill(self, key: str, order_no: str, warehouse: str, zone: str) -> str:
+        payload = {"order_no": order_no, "warehouse": warehouse, "zone": zone}
+        return await self._ch.effect("request_waybill", key, payload, lambda: self._issue(order_no, zone))
+
+    def _issue(self, order_no: str, zone: str) -> str:
+        _require(zone in ZONES, f"tms: unknown temperature zone {zone!r} (known: {', '.join(ZONES)})")
+        waybill = self._ids.next()
+        self.waybills.setdefault(order_no, []).append(waybill)
+        return waybill
+
+    def replay(self, effect: Effect) -> None:
+        self.waybills.setdefault(effect.payload["order_no"], []).append(effect.result)
+        self._ids.restore(effect.result)
+
+
+class SimErp:
+    def __init__(self, channel: _Channel, settings: SimSettings) -> None:
+        self._ch = channel
+        self._settings = settings.erp
+        self._seed = settings.seed
+        self._ids = _Ids("OC")
+        self._stock: dict[tuple[str, str], int] = {}
+
+    def available(self, sku: str, warehouse: str) -> int:
+        found = self._stock.get((sku, warehouse))
+        if found is None:
+            found = self._settings.stock.get(warehouse, {}).get(sku, self._settings.default_stock)
+        return found
+
+    async def occupy(self, key: str, order_no: str, lines: list[tuple[str, str, int]]) -> Occupation:
+        payload = {"order_no": order_no, "lines": [list(line) for line in lines]}
+        return await self._ch.effect("occupy", key, payload, lambda: self._occupy(key, order_no, lines),
+                                     Occupation)
+
+    def _occupy(self, key: str, order_no: str, lines: list[tuple[str, str, int]]) -> Occupation:
+        _require(bool(lines), f"erp: occupation for {order_no} has no lines")
+        _require(all(qty > 0 for _, _, qty in lines), f"erp: occupation for {order_no} has a line with qty <= 0")
+        short = []
+        for sku, warehouse, qty in lines:
+            have = self.available(sku, warehouse)
+            if qty > have or self._forced_short(key, sku, warehouse):
+                short.append((sku, warehouse, qty))  # all or nothing per line
+            else:
+                self._stock[(sku, warehouse)] = have - qty
+        return Occupation(occupation_id=self._ids.next(), short=short)
+
+    def _forced_short(self, key: str, sku: str, warehouse: str) -> bool:
+        rate = self._settings.shortage_rate
+        return rate > 0 and _uniforms(self._seed, "erp-short", key, sku, warehouse)[0] < rate
+
+    def replay(self, effect: Effect) -> None:
+        # Trust the logged answer, not today's settings: the stock moved as it said.
+        answer = effect.result if isinstance(effect.result, Occupation) else msgspec.convert(effect.result, Occupation)
+        short = Counter(answer.short)
+        for sku, warehouse, qty in effect.payload["lines"]:
+            if short[(sku, warehouse, qty)]:
+                short[(sku, warehouse, qty)] -= 1
+            else:
+                self._stock[(sku, warehouse)] = self.available(sku, warehouse) - qty
+        self._ids.restore(answer.occupation_id)
+
+
+class SimWms:
+    def __init__(self, channel: _Channel, settings: SimSettings) -> None:
+        self._ch = channel
+        self._ids = _Ids("WMS")
+        self.dispatched: dict[str, str] = {}  # order -> WMS task id
+        self.outbound: set[str] = set()
+        self.intercepted: set[str] = set()
+
+    async def dispatch(self, key: str, order_no: str, payload: dict[str, Any]) -> str:
+        summary = {"order_no": order_no, "fields": len(payload)}
+        return await self._ch.effect("dispatch", key, summary, lambda: self._dispatch(order_no))
+
+    async def intercept(self, key: str, order_no: str) -> bool:
+        return await self._ch.effect("intercept", key, {"order_no": order_no},
+                                     lambda: self._intercept(order_no), bool)
+
+    async def mark_outbound(self, order_no: str) -> bool:
+        """The warehouse ships the order (a simulated event, not a command from the OMS).
+
+        False, with nothing logged, when the order was never dispatched or was
+        intercepted. Logged so a restart still knows the order is out.
+        """
+        if order_no in self.outbound:
+            return True
+        if order_no not in self.dispatched or order_no in self.intercepted:
+            return False
+        return await self._ch.effects.apply("wms", "outbound", f"{order_no}:wms_outbound",
+                                            {"order_no": order_no}, lambda: self._out(order_no),
+                                            at=self._ch.clock.now(), result_type=bool)
+
+    def _dispatch(self, order_no: str) -> str:
+        _require(order_no not in self.intercepted, f"wms: order {order_no} was intercepted; it cannot be dispatched")
+        task = self._ids.next()
+        self.dispatched[order_no] = task
+        return task
+
+    def _intercept(self, order_no: str) -> bool:
+        if order_no not in self.dispatched or order_no in self.outbound:
+            return False
+        self.intercepted.add(order_no)
+        return True
+
+    def _out(self, order_no: str) -> bool:
+        self.outbound.add(order_no)
+        return True
+
+    def replay(self, effect: Effect) -> None:
+        order_no = effect.payload["order_no"]
+        if effect.op == "dispatch":
+            self.dispatched[order_no] = effect.result
+            self._ids.restore(effect.result)
+        elif effect.op == "intercept" and effect.result:
+            self.intercepted.add(order_no)
+        elif effect.op == "outbound":
+            self.outbound.add(order_no)
+
+
+class SimSupplier:
+    def __init__(self, channel: _Channel, settings: SimSettings) -> None:
+        self._ch = channel
+        self._ids = _Ids("SUP")
+        self.dispatched: dict[str, tuple[str, str]] = {}  # order -> (supplier, task id)
+
+    async def dispatch(self, key: str, order_no: str, supplier: str, payload: dict[str, Any]) -> str:
+        summary = {"order_no": order_no, "supplier": supplier, "fields": len(payload)}
+        return await self._ch.effect("dispatch", key, summary, lambda: self._dispatch(order_no, supplier))
+
+    def _dispatch(self, order_no: str, supplier: str) -> str:
+        _require(bool(supplier), f"supplier: order {order_no} names no supplier")
+        task = self._ids.next()
+        self.dispatched[order_no] = (supplier, task)
+        return task
+
+    def replay(self, effect: Effect) -> None:
+        self.dispatched[effect.payload["order_no"]] = (effect.payload["supplier"], effect.result)
+        self._ids.restore(effect.result)
+
+
+class SimInvoice:
+    def __init__(self, channel: _Channel, settings: SimSettings) -> None:
+        self._ch = channel
+        self._ids = _Ids("INV")
+        self.invoiced: Counter[str] = Counter()  # order -> cents
+
+    async def request(self, key: str, order_no: str, title: str, amount_cents: int) -> str:
+        payload = {"order_no": order_no, "title": title, "amount": amount_cents}
+        return await self._ch.effect("request", key, payload, lambda: self._request(order_no, title, amount_cents))
+
+    def _request(self, order_no: str, title: str, amount: int) -> str:
+        _require(bool(title), f"invoice: order {order_no} has no invoice title")
+        _require(amount > 0, f"invoice: amount must be positive, got {amount}")
+        self.invoiced[order_no] += amount
+        return self._ids.next()
+
+    def replay(self, effect: Effect) -> None:
+        self.invoiced[effect.payload["order_no"]] += effect.payload["amount"]
+        self._ids.restore(effect.result)
+
+
+@dataclass(slots=True)
+class _Reservation:
+    sku: str
+    warehouse: str
+    qty: int
+    state: str  # reserved | sold | released | refused
+
+
+class SimInventory:
+    """sellable/reserved/sold per (sku, warehouse); their sum never changes."""
+
+    def __init__(self, channel: _Channel, settings: SimSettings) -> None:
+        self._ch = channel
+        self._settings = settings.inventory
+        self._levels: dict[tuple[str, str], list[int]] = {}  # [sellable, reserved, sold]
+        self._reservations: dict[str, _Reservation] = {}
+
+    def level(self, sku: str, warehouse: str) -> StockLevel:
+        return StockLevel(*self._level(sku, warehouse))
+
+    def initial(self, sku: str, warehouse: str) -> int:
+        return self._settings.stock.get(warehouse, {}).get(sku, self._settings.default_stock)
+
+    async def stock(self, sku: str, warehouse: str) -> StockLevel:
+        await self._ch.arrive("stock", (sku, warehouse))
+        return self.level(sku, warehouse)
+
+    async def reserve(self, key: str, sku: str, warehouse: str, qty: int) -> bool:
+        payload = {"sku": sku, "warehouse": warehouse, "qty": qty}
+        return await self._ch.effect("reserve", key, payload,
+                                     lambda: self._reserve(key, sku, warehouse, qty), bool)
+
+    async def confirm(self, key: str) -> None:
+        await self._ch.effect("confirm", key, {}, lambda: self._confirm(key))
+
+    async def release(self, key: str) -> None:
+        await self._ch.effect("release", key, {}, lambda: self._release(key))
+
+    def _level(self, sku: str, warehouse: str) -> list[int]:
+        found = self._levels.get((sku, warehouse))
+        if found is None:
+            found = self._levels[(sku, warehouse)] = [self.initial(sku, warehouse), 0, 0]
+        return found
+
+    def _reserve(self, key: str, sku: str, warehouse: str, qty: int, granted: bool | None = None) -> bool:
+        _require(qty > 0, f"inventory: reservation {key} must be for a positive qty, got {qty}")
+        if key in self._reservations:  # released before it was made: stays unreserved
+            return False
+        level = self._level(sku, warehouse)
+        ok = level[0] >= qty if granted is None else granted
+        if ok:
+            level[0] -= qty
+            level[1] += qty
+        self._reservations[key] = _Reservation(sku, warehouse, qty, "reserved" if ok else "refused")
+        return ok
+
+    def _confirm(self, key: str) -> None:
+        r = self._reservations.get(key)
+        _require(r is not None, f"inventory: no reservation under key {key}")
+        _require(r.state == "reserved", f"inventory: reservation {key} is {r.state}, it cannot be confirmed")
+        level = self._level(r.sku, r.warehouse)
+        level[1] -= r.qty
+        level[2] += r.qty
+        r.state = "sold"
+
+    def _release(self, key: str) -> None:
+        r = self._reservations.get(key)
+        if r is None:
+            self._reservations[key] = _Reservation("", "", 0, "released")  # tombstone
+            return
+        _require(r.state != "sold", f"inventory: reservation {key} is sold; releasing it is a return")
+        if r.state == "reserved":
+            level = self._level(r.sku, r.warehouse)
+            level[1] -= r.qty
+            level[0] += r.qty
+        r.state = "released"
+
+    def replay(self, effect: Effect) -> None:
+        key, p = effect.key, effect.payload
+        if effect.op == "reserve":
+            self._reserve(key, p["sku"], p["warehouse"], p["qty"], granted=bool(effect.result))
+        elif effect.op == "confirm":
+            self._confirm(key)
+        else:
+            self._release(key)
+
+
+_CLASSES = {
+    "notification": SimNotification, "finance": SimFinance, "product": SimProduct, "risk": SimRisk,
+    "purchasing": SimPurchasing, "tms": SimTms, "erp": SimErp, "wms": SimWms, "supplier": SimSupplier,
+    "invoice": SimInvoice, "inventory": SimInventory,
+}
+
+
+def build_simulated_ports(settings: SimSettings, clock: Any, effects: EffectLog) -> Ports:
+    """One simulated system per port, their state rebuilt from what `effects` already holds."""
+    if not effects.is_open:
+        raise RuntimeError(f"effect log {effects.path} is not open: await open() before building ports")
+    systems = {name: cls(_Channel(name, settings, clock, effects), settings) for name, cls in _CLASSES.items()}
+    for effect in effects.applied():
+        systems[effect.system].replay(effect)
+    return Ports(**systems)

@@ -1,0 +1,44 @@
+"""Build a pipeline from test stages: a few lines per test instead of the full daemon."""
+from __future__ import annotations
+
+from typing import Any
+
+from oms_pipeline import config, routing
+from oms_pipeline.adapters.local_coordination import LocalCoordination
+from oms_pipeline.adapters.memory_store import MemoryStore
+from oms_pipeline.adapters.memory_timers import MemoryTimers
+from oms_pipeline.clock import VirtualClock
+from oms_pipeline.order import Address, Amounts, Line, Order
+from oms_pipeline.pipeline import Pipeline
+from oms_pipeline.stage import StageSpec
+
+
+def make_order(i: int, kind: str = "toc", flags: str = "") -> Order:
+    return Order(order_no=f"T{i:017d}", source="app", external_id=f"ext-{i}", kind=kind, member_id=f"m{i % 7}",
+                 consignee=Address(name="Zhang San", phone="13812345678", province="Beijing", city="Beijing"),
+                 lines=[Line(line_no=1, sku="SKU-1", qty=1, unit_price=1000)], amounts=Amounts(payable=1000),
+                 flags=flags)
+
+
+def table(stages: list[str], kinds=("toc",), **extra: Any) -> routing.RoutingTable:
+    raw = {"stages": stages, "paths": {"all": {"kinds": list(kinds)}}, **extra}
+    t = routing.parse(raw)
+    routing.validate(t, stages, kinds)
+    return t
+
+
+def build(specs: list[StageSpec], *, store=None, clock=None, settings: dict | None = None,
+          routes: routing.RoutingTable | None = None, flag_names=lambda flags: flags.split(",") if flags else ()):
+    clock = clock or VirtualClock()
+    by_name = {s.name: s for s in specs}
+    merged = deep_merge({"stage_defaults": {"retry": {"jitter": 0.0}}}, settings or {})
+    return Pipeline(config.from_mapping(merged), by_name, routes or table(list(by_name)),
+                    store or MemoryStore(), MemoryTimers(clock), LocalCoordination(clock), None, clock,
+                    flag_names=flag_names, seed=1)
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out

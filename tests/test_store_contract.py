@@ -1,0 +1,103 @@
+"""One contract for every store adapter: the embedded SQLite file and the in-memory store.
+
+The production adapters join the `store` fixture's parameters and must pass unchanged.
+"""
+from __future__ import annotations
+
+import pytest
+
+from oms_pipeline.adapters.memory_store import MemoryStore
+from oms_pipeline.adapters.sqlite_store import SqliteStore
+from oms_pipeline.ports import store as st
+from oms_pipeline.ports.store import Checkpoint, NewOrder
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def store(request, tmp_path):
+    s = MemoryStore() if request.param == "memory" else SqliteStore(str(tmp_path / "oms.sqlite3"))
+    await s.open()
+    yield s
+    await s.close()
+
+
+def new(no: str, ext: str | None = None, state: str = st.QUEUED, parent: str | None = None) -> NewOrder:
+    return NewOrder(no, "app", ext or f"ext-{no}", "toc", state, "a", "IN_FULFILMENT", 100.0, b'{"x":1}', parent)
+
+
+def cp(no: str, stage: str, state: str, to: str, **kw) -> Checkpoint:
+    base = dict(order_no=no, from_stage=stage, outcome="next", reason="", at=101.0, state=state, stage=to,
+                status="IN_FULFILMENT", attempts=0, wake_at=None, doc=b'{"x":2}')
+    return Checkpoint(**{**base, **kw})
+
+
+async def test_create_is_idempotent_on_source_and_external_id(store):
+    assert await store.create([new("N1"), new("N2")]) == [("N1", True), ("N2", True)]
+    assert await store.create([new("N3", ext="ext-N1")]) == [("N1", False)]
+    assert await store.get("N3") is None
+    assert (await store.get("N1")).state == st.QUEUED
+
+
+async def test_duplicates_inside_one_batch_make_one_order(store):
+    assert await store.create([new("N1", ext="same"), new("N2", ext="same")]) == [("N1", True), ("N1", False)]
+
+
+async def test_checkpoint_moves_state_and_keeps_history(store):
+    await store.create([new("N1")])
+    await store.checkpoint([cp("N1", "a", st.QUEUED, "b")])
+    await store.checkpoint([cp("N1", "b", st.PARKED, "b", outcome="park", reason="window full", wake_at=500.0)])
+    got = await store.get("N1")
+    assert (got.state, got.stage, got.wake_at, got.doc) == (st.PARKED, "b", 500.0, b'{"x":2}')
+    assert [(h.stage, h.outcome, h.reason) for h in await store.history("N1")] == [
+        ("intake", "created", ""), ("a", "next", ""), ("b", "park", "window full")]
+
+
+async def test_active_lists_queued_parked_and_waiting_orders_only(store):
+    await store.create([new("N1"), new("N2"), new("N3", state=st.WAIT_PAY), new("N4")])
+    await store.checkpoint([cp("N2", "a", st.DONE, "@done"), cp("N4", "a", st.PARKED, "a", wake_at=9.0)])
+    assert sorted(o.order_no for o in await store.active()) == ["N1", "N3", "N4"]
+    assert await store.counts() == {st.QUEUED: 1, st.DONE: 1, st.WAIT_PAY: 1, st.PARKED: 1}
+    assert [o.order_no for o in await store.in_state(st.DONE)] == ["N2"]
+
+
+async def test_split_children_are_stored_with_the_parent_checkpoint(store):
+    await store.create([new("P")])
+    children = (new("P-1", parent="P"), new("P-2", parent="P"))
+    await store.checkpoint([cp("P", "split", st.SPLIT, "@split", outcome="split", children=children)])
+    assert [c.order_no for c in await store.children("P")] == ["P-1", "P-2"]
+    # A replayed split makes no second set of children.
+    await store.checkpoint([cp("P", "split", st.SPLIT, "@split", outcome="split", children=children)])
+    assert len(await store.children("P")) == 2
+
+
+async def test_sequence_blocks_never_overlap(store):
+    a = await store.next_block("order_no", 1000)
+    b = await store.next_block("order_no", 1000)
+    c = await store.next_block("other", 10)
+    assert b == a + 1000 and c == 1
+
+
+async def test_sqlite_survives_reopening(tmp_path):
+    path = str(tmp_path / "oms.sqlite3")
+    s = SqliteStore(path)
+    await s.open()
+    await s.create([new("N1")])
+    await s.checkpoint([cp("N1", "a", st.QUEUED, "b")])
+    await s.close()
+    again = SqliteStore(path)
+    await again.open()
+    assert (await again.get("N1")).stage == "b"
+    await again.close()
+
+
+async def test_sqlite_groups_concurrent_writes_into_few_commits(tmp_path):
+    import anyio
+    s = SqliteStore(str(tmp_path / "oms.sqlite3"))
+    await s.open()
+    async with anyio.create_task_group() as tg:
+        for i in range(500):
+            tg.start_soon(s.create, [new(f"N{i}")])
+    assert len(await s.in_state(st.QUEUED, limit=1000)) == 500
+    assert s.commits < 100  # group commit: far fewer transactions than writes
+    await s.close()
