@@ -103,6 +103,14 @@ class IntakeSettings(_Frozen):
     queue: Positive = 2000  # orders accepted but not yet in the first stage
 
 
+class PaymentSettings(_Frozen):
+    timeout: PositiveFloat = 600.0  # seconds an online order waits for payment (seed 001: 10 min)
+    timeout_by_kind: dict[str, PositiveFloat] = {}
+
+    def timeout_for(self, kind: str) -> float:
+        return self.timeout_by_kind.get(kind, self.timeout)
+
+
 class RoutingSettings(_Frozen):
     file: str = "routes.toml"  # relative to the config file
 
@@ -115,6 +123,7 @@ class Settings(_Frozen):
     http: HttpSettings = HttpSettings()
     metrics: MetricsSettings = MetricsSettings()
     intake: IntakeSettings = IntakeSettings()
+    payment: PaymentSettings = PaymentSettings()
     routing: RoutingSettings = RoutingSettings()
     stage_defaults: StageDefaults = StageDefaults()
     stages: dict[str, StageSettings] = {}

@@ -92,6 +92,7 @@ class Order(msgspec.Struct, kw_only=True):
     delivery_promise: str = "standard"  # standard | next_day | scheduled
     presale: bool = False  # goods ship when stock arrives; set from the request at intake
     created_at: float = 0.0
+    pay_deadline: float | None = None  # after it an unpaid order is cancelled; handed to the cashier
     timestamps: dict[str, float] = {}  # state reached -> epoch seconds
     results: dict[str, Any] = {}  # what each stage produced (waybill no, voucher id, ...)
 

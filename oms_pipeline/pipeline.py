@@ -174,12 +174,15 @@ class Pipeline:
             await self._start_many(started)
         return results
 
-    async def release(self, order_no: str, status: str, reason: str) -> bool:
+    async def release(self, order_no: str, status: str, reason: str,
+                      change: Callable[[Order], None] | None = None) -> bool:
         """Start an order that was waiting (paid, or replayed from the exception centre)."""
         stored = await self.store.get(order_no)
         if stored is None or stored.state not in (st.WAIT_PAY, st.MANUAL) or order_no in self.in_flight:
             return False
         order = order_codec.decode(stored.doc)
+        if change is not None:
+            change(order)
         now = self.clock.now()
         order.status = status
         order.timestamps[status] = now

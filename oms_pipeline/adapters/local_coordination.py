@@ -7,32 +7,34 @@ from ..clock import Clock
 class LocalCoordination:
     def __init__(self, clock: Clock) -> None:
         self._clock = clock
-        self._counters: dict[str, tuple[int, float]] = {}  # key -> (count, expires_at)
+        self._holders: dict[str, tuple[set[str], float]] = {}  # key -> (holders, expires_at)
 
-    def _current(self, key: str) -> int:
-        entry = self._counters.get(key)
-        if entry is None:
-            return 0
-        if entry[1] <= self._clock.now():
-            del self._counters[key]
-            return 0
-        return entry[0]
+    def _current(self, key: str) -> set[str] | None:
+        entry = self._holders.get(key)
+        if entry is not None and entry[1] <= self._clock.now():
+            del self._holders[key]
+            return None
+        return entry[0] if entry else None
 
-    async def take_capacity(self, key: str, limit: int, ttl: float) -> bool:
-        used = self._current(key)
-        if used >= limit:
+    async def take_capacity(self, key: str, holder: str, limit: int, ttl: float) -> bool:
+        holders = self._current(key)
+        if holders is None:
+            holders = set()
+            self._holders[key] = (holders, self._clock.now() + ttl)
+        if holder in holders:
+            return True
+        if len(holders) >= limit:
             return False
-        expires = self._counters[key][1] if used else self._clock.now() + ttl
-        self._counters[key] = (used + 1, expires)
+        holders.add(holder)
         return True
 
-    async def release_capacity(self, key: str) -> None:
-        used = self._current(key)
-        if used:
-            self._counters[key] = (used - 1, self._counters[key][1])
+    async def release_capacity(self, key: str, holder: str) -> None:
+        holders = self._current(key)
+        if holders is not None:
+            holders.discard(holder)
 
     async def count(self, key: str) -> int:
-        return self._current(key)
+        return len(self._current(key) or ())
 
     async def close(self) -> None:
-        self._counters.clear()
+        self._holders.clear()

@@ -5,18 +5,21 @@ from typing import Protocol
 
 
 class Coordination(Protocol):
-    async def take_capacity(self, key: str, limit: int, ttl: float) -> bool:
-        """Atomically count one more use of `key` if fewer than `limit` were counted.
+    async def take_capacity(self, key: str, holder: str, limit: int, ttl: float) -> bool:
+        """Atomically count `holder` (an order number) as a user of `key` if fewer
+        than `limit` holders are counted.
 
-        Returns False (and counts nothing) when the limit is reached. The counter
-        expires `ttl` seconds after it was first used (a daily window key plus a
-        TTL past the window's end).
+        Idempotent per holder: a holder already counted gets True again and is
+        not counted twice, so a stage replayed after a crash never uses up
+        capacity twice. Returns False (counting nothing) when the limit is
+        reached. The counter expires `ttl` seconds after it was first used (a
+        daily window key plus a TTL past the window's end).
         """
 
-    async def release_capacity(self, key: str) -> None:
-        """Give one counted use back (the counted work was abandoned)."""
+    async def release_capacity(self, key: str, holder: str) -> None:
+        """Give the holder's use back (the counted work was abandoned)."""
 
     async def count(self, key: str) -> int:
-        """The current count of `key` (0 if unknown)."""
+        """How many holders `key` counts now (0 if unknown)."""
 
     async def close(self) -> None: ...

@@ -1,0 +1,242 @@
+"""The daemon's HTTP API (aiohttp, in the daemon's own event loop).
+
+Every answer is JSON and carries the request id (X-Request-Id, taken from the
+request or made up). Bad input is a 4xx naming each field and reason; it
+never changes an order and never takes the daemon down.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import secrets
+import time
+from typing import Any, Awaitable, Callable
+
+import orjson
+from aiohttp import web
+from pydantic import ValidationError
+
+from . import logs, schemas
+from .order import decode
+from .pipeline import ShuttingDown
+from .ports import store as st
+
+log = logging.getLogger("oms.api")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+MAX_PAGE = 500
+
+
+def json_response(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(body, default=str), status=status, content_type="application/json")
+
+
+def problem(status: int, reason: str, **extra: Any) -> web.Response:
+    return json_response({"error": reason, **extra}, status)
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+@web.middleware
+async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+    rid = request.headers.get("X-Request-Id", "")[:64] or secrets.token_hex(8)
+    token = logs.request_id.set(rid)
+    started = time.perf_counter()
+    try:
+        response = await _guarded(request, handler)
+    finally:
+        logs.request_id.reset(token)
+    response.headers["X-Request-Id"] = rid
+    log.debug("request", extra={"event": "http", "method": request.method, "path": request.path,
+                                "status": response.status, "ms": round((time.perf_counter() - started) * 1000, 2)})
+    return response
+
+
+async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPRequestEntityTooLarge as exc:
+        return problem(413, f"body larger than {exc.max_size} bytes")
+    except web.HTTPException as exc:
+        return problem(exc.status, exc.reason)
+    except ShuttingDown as exc:
+        return problem(503, str(exc))
+    except Exception:  # noqa: BLE001 - logged with the request id; the daemon keeps serving
+        log.exception("request failed", extra={"event": "http_error", "path": request.path})
+        return problem(500, "internal error; see the log for this request id")
+
+
+def auth(token: str) -> Callable:
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in ("/healthz", "/readyz"):
+            return await handler(request)
+        given = request.headers.get("Authorization", "")
+        if not secrets.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            return problem(401, "missing or wrong bearer token")
+        return await handler(request)
+    return check
+
+
+async def body_json(request: web.Request) -> Any:
+    raw = await request.read()
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadInput([{"path": "$", "reason": f"not valid JSON: {exc}"}]) from None
+
+
+class BadInput(Exception):
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        super().__init__(errors)
+        self.errors = errors
+
+
+def validate(model: type, data: Any) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise BadInput(schemas.errors(exc)) from None
+
+
+class Api:
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.pipeline = app.pipeline
+        self.ready = False
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.post("/orders", self.create_order),
+            web.get("/orders", self.list_orders),
+            web.get("/orders/{no}", self.get_order),
+            web.post("/payments", self.payment),
+            web.get("/exceptions", self.exceptions),
+            web.post("/exceptions/{no}/replay", self.replay),
+            web.get("/stats", self.stats),
+            web.get("/routes", self.routes_text),
+            web.get("/healthz", self.healthz),
+            web.get("/readyz", self.readyz),
+        ]
+
+    def web_app(self) -> web.Application:
+        settings = self.app.settings.http
+        middlewares = [request_context, bad_input]
+        if not is_loopback(settings.host):
+            if not settings.token:
+                raise ValueError("http.token is required when http.host is not a loopback address")
+            middlewares.append(auth(settings.token))
+        web_app = web.Application(client_max_size=settings.max_body_bytes, middlewares=middlewares)
+        web_app.add_routes(self.routes())
+        return web_app
+
+    async def create_order(self, request: web.Request) -> web.Response:
+        order = validate(schemas.OrderIn, await body_json(request))
+        if len(order.lines) > self.app.settings.intake.max_lines:
+            raise BadInput([{"path": "lines", "reason": f"more than {self.app.settings.intake.max_lines} lines"}])
+        created = (await self.app.intake.create([order.model_dump(mode="json")]))[0]
+        if not created.created:
+            return json_response(await self._view(created.order_no), 200)
+        return json_response({"order_no": created.order_no, "created": True, "status": created.status,
+                              "pay_deadline": created.pay_deadline}, 201)
+
+    async def get_order(self, request: web.Request) -> web.Response:
+        view = await self._view(request.match_info["no"], history=True)
+        return json_response(view) if view else problem(404, f"no order {request.match_info['no']}")
+
+    async def _view(self, order_no: str, history: bool = False) -> dict[str, Any] | None:
+        stored = await self.pipeline.store.get(order_no)
+        if stored is None:
+            return None
+        view = {"order_no": order_no, "created": False, "state": stored.state, "stage": stored.stage,
+                "status": stored.status, "attempts": stored.attempts, "wake_at": stored.wake_at,
+                "order": orjson.loads(stored.doc)}
+        view["pay_deadline"] = view["order"].get("pay_deadline")
+        if history:
+            view["history"] = [h._asdict() for h in await self.pipeline.store.history(order_no)]
+        return view
+
+    async def list_orders(self, request: web.Request) -> web.Response:
+        state = request.query.get("state", st.QUEUED)
+        limit = _limit(request)
+        rows = await self.pipeline.store.in_state(state, limit, request.query.get("cursor", ""))
+        items = [{"order_no": r.order_no, "state": r.state, "stage": r.stage, "status": r.status,
+                  "updated_at": r.updated_at} for r in rows]
+        return json_response({"items": items, "next_cursor": rows[-1].order_no if len(rows) == limit else None})
+
+    async def payment(self, request: web.Request) -> web.Response:
+        pay = validate(schemas.PaymentIn, await body_json(request))
+        stored = await self.pipeline.store.get(pay.order_no)
+        if stored is None:
+            return problem(404, f"no order {pay.order_no}")
+        order = decode(stored.doc)
+        if order.results.get("payment_id") == pay.payment_id:
+            return json_response({"order_no": pay.order_no, "duplicate": True, "status": stored.status})
+        if stored.state != st.WAIT_PAY:
+            return problem(409, f"order {pay.order_no} is not waiting for payment (state {stored.state})")
+        if order.pay_deadline is not None and self.pipeline.clock.now() > order.pay_deadline:
+            return problem(409, f"order {pay.order_no}: the pay deadline has passed")
+        if pay.amount != order.amounts.payable:
+            return problem(409, f"amount {pay.amount} differs from payable {order.amounts.payable}")
+
+        def paid(o: Any) -> None:
+            o.amounts.paid = o.amounts.cash = pay.amount
+            o.results["payment_id"] = pay.payment_id
+
+        released = await self.pipeline.release(pay.order_no, "PAID", f"paid {pay.amount} via {pay.channel}", paid)
+        if not released:
+            return problem(409, f"order {pay.order_no} changed meanwhile; try again")
+        return json_response({"order_no": pay.order_no, "duplicate": False, "status": "PAID"})
+
+    async def exceptions(self, request: web.Request) -> web.Response:
+        rows = await self.pipeline.store.in_state(st.MANUAL, _limit(request), request.query.get("cursor", ""))
+        items = []
+        for r in rows:
+            last = (await self.pipeline.store.history(r.order_no))[-1:]
+            items.append({"order_no": r.order_no, "stage": r.stage, "status": r.status,
+                          "reason": last[0].reason if last else "", "at": r.updated_at})
+        return json_response({"items": items})
+
+    async def replay(self, request: web.Request) -> web.Response:
+        no = request.match_info["no"]
+        if await self.pipeline.release(no, "IN_FULFILMENT", "replayed from the exception centre"):
+            return json_response({"order_no": no, "replayed": True})
+        return problem(409, f"order {no} is not in the exception centre")
+
+    async def stats(self, request: web.Request) -> web.Response:
+        p = self.pipeline
+        stages = {w.name: {"queue": len(w.queue), "bound": w.queue.maxsize, "pool": w.pool, "busy": w.busy,
+                           "processed": w.stats.processed} for w in p.workers.values()}
+        return json_response({"orders": await p.store.counts(), "finished": p.finished,
+                              "in_flight": len(p.in_flight), "timers_pending": p.timers.pending,
+                              "intake": p.intake_count, "stages": stages})
+
+    async def routes_text(self, request: web.Request) -> web.Response:
+        return web.Response(text=self.pipeline.table.describe(request.query.get("kind")) + "\n")
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        if not self.ready:
+            return problem(503, "not ready")
+        return json_response({"status": "ready"})
+
+
+@web.middleware
+async def bad_input(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except BadInput as exc:
+        return json_response({"error": "invalid request", "errors": exc.errors}, 422)
+
+
+def _limit(request: web.Request) -> int:
+    try:
+        return max(1, min(MAX_PAGE, int(request.query.get("limit", "100"))))
+    except ValueError:
+        raise BadInput([{"path": "limit", "reason": "must be a whole number"}]) from None

@@ -1,0 +1,88 @@
+"""The composition root: adapters chosen by URL, the stages, the routing table, the pipeline."""
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Any
+
+from . import config, flags, routing
+from .adapters.local_coordination import LocalCoordination
+from .adapters.memory_store import MemoryStore
+from .adapters.memory_timers import MemoryTimers
+from .adapters.simulated import EffectLog, SimSettings, SimSettingsError, build_simulated_ports
+from .adapters.sqlite_store import SqliteStore
+from .clock import Clock, SystemClock
+from .config import ConfigError, Settings
+from .intake import Intake
+from .order import KINDS
+from .pipeline import Pipeline, stage_configs
+
+
+@dataclass
+class App:
+    settings: Settings
+    pipeline: Pipeline
+    intake: Intake
+    effects: EffectLog
+    exit_stack: AsyncExitStack
+
+    async def aclose(self) -> None:
+        await self.exit_stack.aclose()
+
+
+def load_routing(settings: Settings, stage_names) -> routing.RoutingTable:
+    path = config.resolve_path(settings, settings.routing.file)
+    try:
+        return routing.load(path, stage_names, KINDS)
+    except routing.RoutingError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def check(settings: Settings) -> routing.RoutingTable:
+    """Everything that can be checked without opening a service: stops startup on the first error."""
+    from stages import load_specs
+    specs = load_specs()
+    try:
+        stage_configs(settings, specs)
+        SimSettings.from_mapping(settings.downstream)
+    except (ValueError, SimSettingsError) as exc:
+        raise ConfigError(f"{settings.source}: {exc}") from None
+    _store_for(settings.store.url, settings)  # the URL's scheme is one we have
+    for name, url in (("broker", settings.broker.url), ("coordination", settings.coordination.url)):
+        if url != "memory://":
+            raise ConfigError(f"{settings.source}: key {name}.url: {url!r} is not supported by this build "
+                              "(the embedded default is memory://)")
+    return load_routing(settings, specs)
+
+
+def _store_for(url: str, settings: Settings) -> Any:
+    if url == "memory://":
+        return MemoryStore()
+    if url.startswith("sqlite:///"):
+        return SqliteStore(url.removeprefix("sqlite:///"), max_batch=settings.store.checkpoint_max_batch,
+                           synchronous=settings.store.synchronous)
+    raise ConfigError(f"{settings.source}: key store.url: {url!r} is not a store this build has "
+                      "(sqlite:///PATH or memory://)")
+
+
+async def build(settings: Settings, *, clock: Clock | None = None) -> App:
+    from stages import load_specs
+    table = check(settings)
+    clock = clock or SystemClock()
+    stack = AsyncExitStack()
+    try:
+        store = _store_for(settings.store.url, settings)
+        await store.open()
+        stack.push_async_callback(store.close)
+        sim = SimSettings.from_mapping(settings.downstream)
+        effects = EffectLog(sim.effect_log or None)
+        await effects.open()
+        stack.push_async_callback(effects.close)
+        ports = build_simulated_ports(sim, clock, effects)
+        pipeline = Pipeline(settings, load_specs(), table, store, MemoryTimers(clock), LocalCoordination(clock),
+                            ports, clock, flag_names=flags.names)
+        stack.callback(pipeline.stop)
+        return App(settings, pipeline, Intake(pipeline, settings), effects, stack)
+    except BaseException:
+        await stack.aclose()
+        raise

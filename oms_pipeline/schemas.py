@@ -1,0 +1,105 @@
+"""What the API accepts, validated by pydantic: every error comes back with its field path.
+
+Money is integer cents (strict: no floats, no numeric strings). Unknown fields
+are errors, so a misspelt field never silently drops data.
+"""
+from __future__ import annotations
+
+from datetime import date
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, model_validator
+
+from .order import KINDS, PAYMENT_METHODS, SOURCES, ZONES
+
+Cents = Annotated[StrictInt, Field(ge=0, le=10_000_000_000)]
+Text = Annotated[str, Field(max_length=256)]
+Code = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:#/-]+$")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AddressIn(_Strict):
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    phone: Annotated[str, Field(pattern=r"^\+?[0-9]{6,20}$")]
+    province: Annotated[str, Field(min_length=1, max_length=64)]
+    city: Annotated[str, Field(min_length=1, max_length=64)]
+    district: Text = ""
+    detail: Text = ""
+    pickup_point: Annotated[str, Field(max_length=64)] | None = None
+
+
+class ComponentIn(_Strict):
+    sku: Code
+    qty: Annotated[StrictInt, Field(ge=1, le=1000)]
+    weight: Annotated[StrictInt, Field(ge=0)] | None = None
+
+
+class LineIn(_Strict):
+    sku: Code
+    qty: Annotated[StrictInt, Field(ge=1, le=100_000)]
+    unit_price: Cents
+    warehouse: Annotated[str, Field(max_length=32)] = ""
+    zone: Literal[ZONES] = "ambient"  # type: ignore[valid-type]
+    supplier: Annotated[str, Field(max_length=64)] = ""
+    virtual: StrictBool = False
+    bundle: StrictBool = False
+    components: list[ComponentIn] | None = None
+    delivery_date: date | None = None
+
+
+class AmountsIn(_Strict):
+    discount: Cents = 0
+    coupon: Cents = 0
+    points: Cents = 0
+    freight: Cents = 0
+
+
+class OrderIn(_Strict):
+    source: Literal[SOURCES]  # type: ignore[valid-type]
+    external_id: Code
+    kind: Literal[KINDS]  # type: ignore[valid-type]
+    member_id: Code
+    consignee: AddressIn
+    lines: Annotated[list[LineIn], Field(min_length=1)]
+    amounts: AmountsIn = AmountsIn()
+    payment_method: Literal[PAYMENT_METHODS] = "online"  # type: ignore[valid-type]
+    remark: Annotated[str, Field(max_length=500)] = ""
+    invoice_title: Annotated[str, Field(max_length=128)] | None = None
+    delivery_promise: Literal["standard", "next_day", "scheduled"] = "standard"
+    presale: StrictBool = False
+    placed_at: float | None = None
+
+    @model_validator(mode="after")
+    def _coherent(self) -> "OrderIn":
+        for i, line in enumerate(self.lines):
+            if line.components and not line.bundle:
+                raise ValueError(f"lines.{i}.components: only a bundle line has components")
+        goods = sum(line.qty * line.unit_price for line in self.lines)
+        a = self.amounts
+        if a.discount + a.coupon + a.points > goods + a.freight:
+            raise ValueError("amounts: discount + coupon + points exceed goods + freight")
+        if self.delivery_promise == "scheduled" and not any(line.delivery_date for line in self.lines):
+            raise ValueError("delivery_promise: scheduled needs a delivery_date on a line")
+        return self
+
+
+class PaymentIn(_Strict):
+    order_no: Annotated[str, Field(pattern=r"^[0-9]{18}$")]
+    payment_id: Code
+    amount: Cents
+    channel: Annotated[str, Field(max_length=32)] = "unknown"
+
+
+def errors(exc: ValidationError) -> list[dict[str, Any]]:
+    """Each problem as {path, reason}: the body a 422 answer carries."""
+    out = []
+    for err in exc.errors(include_url=False):
+        path = ".".join(str(p) for p in err["loc"])
+        reason = err["msg"].removeprefix("Value error, ")
+        if ": " in reason and not path:  # a model-level rule names its own field
+            path, reason = reason.split(": ", 1)
+        out.append({"path": path or "$", "reason": reason})
+    return out
