@@ -138,11 +138,11 @@ class Api:
         order = validate(schemas.OrderIn, await body_json(request))
         if len(order.lines) > self.app.settings.intake.max_lines:
             raise BadInput([{"path": "lines", "reason": f"more than {self.app.settings.intake.max_lines} lines"}])
-        created = (await self.app.intake.create([order.model_dump(mode="json")]))[0]
+        created = (await self.app.intake.create([order.model_dump(mode="json", exclude_none=True)]))[0]
         if not created.created:
             return json_response(await self._view(created.order_no), 200)
         return json_response({"order_no": created.order_no, "created": True, "status": created.status,
-                              "pay_deadline": created.pay_deadline}, 201)
+                              "payable": created.payable, "pay_deadline": created.pay_deadline}, 201)
 
     async def get_order(self, request: web.Request) -> web.Response:
         view = await self._view(request.match_info["no"], history=True)

@@ -146,10 +146,10 @@ def _amounts(d: _Draw, kind: str, goods: int, ships: bool) -> dict[str, int]:
     coupon = rng.choice((500, 1000, 2000, 5000)) if kind == "toc" and d.chance(0.2) else 0
     points = rng.randrange(100, 2000) if kind == "toc" and d.chance(0.1) else 0
     freight = rng.choice((600, 800, 1200)) if ships and goods < 9900 else 0
-    # A shop front never offers more off than the order is worth: the coupon and
-    # points are capped at what the goods and freight leave after the discount.
-    coupon = min(coupon, goods + freight - discount)
-    points = min(points, goods + freight - discount - coupon)
+    # Deductions apply to the goods, never to the freight: the shop front caps
+    # the coupon and the points at what the goods leave after the discount.
+    coupon = min(coupon, goods - discount)
+    points = min(points, goods - discount - coupon)
     return {"discount": discount, "coupon": coupon, "points": points, "freight": freight}
 
 

@@ -23,6 +23,7 @@ class Created(NamedTuple):
     created: bool
     status: str
     pay_deadline: float | None
+    payable: int
 
 
 class Intake:
@@ -66,5 +67,5 @@ class Intake:
 
     def _answer(self, order: Order, order_no: str, created: bool) -> Created:
         if created:
-            return Created(order_no, True, order.status, order.pay_deadline)
-        return Created(order_no, False, "", None)  # the caller looks the original up
+            return Created(order_no, True, order.status, order.pay_deadline, order.amounts.payable)
+        return Created(order_no, False, "", None, 0)  # the caller looks the original up

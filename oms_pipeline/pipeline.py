@@ -374,6 +374,13 @@ class Pipeline:
             elif stored.state == st.PARKED:
                 await self.timers.schedule("resume", stored.order_no, stored.wake_at or self.clock.now())
                 resumed += 1
+        # A crash between a child's last checkpoint and its parent's settling
+        # leaves the parent waiting: settle every waiting parent once at start.
+        after = ""
+        while parents := await self.store.in_state(st.SPLIT, 500, after):
+            for parent in parents:
+                await self._settle_parent(parent.order_no)
+            after = parents[-1].order_no
         if resumed:
             log.info("resumed stored orders", extra={"event": "resume", "count": resumed})
 

@@ -79,8 +79,8 @@ class OrderIn(_Strict):
                 raise ValueError(f"lines.{i}.components: only a bundle line has components")
         goods = sum(line.qty * line.unit_price for line in self.lines)
         a = self.amounts
-        if a.discount + a.coupon + a.points > goods + a.freight:
-            raise ValueError("amounts: discount + coupon + points exceed goods + freight")
+        if a.discount + a.coupon + a.points > goods:
+            raise ValueError("amounts: discount + coupon + points exceed the goods total (freight is not discounted)")
         if self.delivery_promise == "scheduled" and not any(line.delivery_date for line in self.lines):
             raise ValueError("delivery_promise: scheduled needs a delivery_date on a line")
         return self

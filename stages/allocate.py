@@ -23,7 +23,7 @@ from math import lcm
 from typing import Sequence
 
 from oms_pipeline.order import Line, Order
-from oms_pipeline.outcome import NEXT, Outcome, manual
+from oms_pipeline.outcome import NEXT, Outcome, PermanentError, manual
 from oms_pipeline.stage import CpuContext, StageSpec
 
 DEDUCTIONS = ("discount", "coupon", "points")
@@ -70,8 +70,8 @@ class _Lift:
         for i in range(self.rows):
             while sum(self.values[i]) < self.target[i]:
                 path = self._path_from(i, set(), set())
-                if path is None:  # impossible (see above): fail loudly rather than mis-book money
-                    raise AssertionError(f"no rounding lifts row {i} to {self.target[i]}")
+                if path is None:  # impossible (see above): to manual rather than mis-book money
+                    raise PermanentError(f"no rounding lifts line index {i} to {self.target[i]}")
                 for row, col, delta in path:
                     self.values[row][col] += delta
         return self.values
