@@ -158,6 +158,7 @@ class Api:
         view["pay_deadline"] = view["order"].get("pay_deadline")
         if history:
             view["history"] = [h._asdict() for h in await self.pipeline.store.history(order_no)]
+            view["events"] = [e._asdict() for e in await self.pipeline.store.events(order_no)]
         return view
 
     async def list_orders(self, request: web.Request) -> web.Response:
@@ -187,7 +188,7 @@ class Api:
             o.amounts.paid = o.amounts.cash = pay.amount
             o.results["payment_id"] = pay.payment_id
 
-        released = await self.pipeline.release(pay.order_no, "PAID", f"paid {pay.amount} via {pay.channel}", paid)
+        released = await self.pipeline.release(pay.order_no, f"paid {pay.amount} via {pay.channel}", paid)
         if not released:
             return problem(409, f"order {pay.order_no} changed meanwhile; try again")
         return json_response({"order_no": pay.order_no, "duplicate": False, "status": "PAID"})
@@ -203,7 +204,7 @@ class Api:
 
     async def replay(self, request: web.Request) -> web.Response:
         no = request.match_info["no"]
-        if await self.pipeline.release(no, "IN_FULFILMENT", "replayed from the exception centre"):
+        if await self.pipeline.release(no, "replayed from the exception centre"):
             return json_response({"order_no": no, "replayed": True})
         return problem(409, f"order {no} is not in the exception centre")
 

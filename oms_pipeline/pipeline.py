@@ -17,14 +17,14 @@ from typing import Any, Callable, Iterable, Mapping
 import anyio
 
 from . import order as order_codec
-from . import routing
+from . import routing, states
 from .clock import Clock
 from .config import Settings
 from .metrics import E2E_BUCKETS, Histogram
 from .order import Order
 from .outcome import Outcome, manual
 from .ports import store as st
-from .ports.store import Checkpoint, NewOrder, Store, StoredOrder
+from .ports.store import Checkpoint, Event, NewOrder, Store, StoredOrder
 from .ports.timers import Due, Timers
 from .retry import backoff
 from .stage import StageSpec
@@ -34,9 +34,23 @@ log = logging.getLogger("oms.pipeline")
 
 END_STATES = {routing.DONE: st.DONE, routing.CANCELLED: st.CANCELLED,
               routing.MANUAL: st.MANUAL, routing.SPLIT: st.SPLIT}
-END_STATUS = {routing.DONE: "DISPATCHED", routing.CANCELLED: "CANCELLED",
-              routing.MANUAL: "MANUAL_REVIEW", routing.SPLIT: "SPLIT"}
-IN_FULFILMENT = "IN_FULFILMENT"
+# The business status an order takes on as it reaches a runtime state.
+STATUS_OF_STATE = {st.QUEUED: states.IN_FULFILMENT, st.DONE: states.DISPATCHED, st.MANUAL: states.MANUAL_REVIEW,
+                   st.SPLIT: states.SPLIT}
+IN_FULFILMENT = states.IN_FULFILMENT
+
+
+def move(order: Order, to: str, now: float, events: list[Event]) -> None:
+    """A state-machine transition, kept as an event; an illegal one is logged and skipped."""
+    if order.status == to:
+        return
+    try:
+        event = states.transition(order, to, now)
+    except states.IllegalTransition as exc:
+        log.error("illegal transition refused", extra={"event": "illegal_transition", "order_no": order.order_no,
+                                                       "reason": str(exc)})
+        return
+    events.append(Event(event.order_no, event.from_state, event.to_state, now))
 
 
 class Job:
@@ -158,15 +172,16 @@ class Pipeline:
         if not self._accepting:
             raise ShuttingDown("the pipeline is shutting down")
         now = self.clock.now()
-        state, status = (st.WAIT_PAY, "WAIT_PAY") if wait_pay else (st.QUEUED, IN_FULFILMENT)
+        state, status = (st.WAIT_PAY, states.WAIT_PAY) if wait_pay else (st.QUEUED, IN_FULFILMENT)
         jobs, rows = [], []
         for order in orders:
             route = self.route_of(order)
-            order.status = status
-            order.timestamps[status] = now
+            events: list[Event] = []
+            move(order, status, now, events)
             jobs.append(Job(order, route, route.first, 0, now))
             rows.append(NewOrder(order.order_no, order.source, order.external_id, order.kind, state,
-                                 route.first, status, now, order_codec.encode(order), order.parent_no))
+                                 route.first, order.status, now, order_codec.encode(order), order.parent_no,
+                                 tuple(events)))
         results = await self.store.create(rows)
         started = [job for job, (_, created) in zip(jobs, results) if created]
         self.intake_count += len(started)
@@ -174,9 +189,9 @@ class Pipeline:
             await self._start_many(started)
         return results
 
-    async def release(self, order_no: str, status: str, reason: str,
-                      change: Callable[[Order], None] | None = None) -> bool:
-        """Start an order that was waiting (paid, or replayed from the exception centre)."""
+    async def release(self, order_no: str, reason: str, change: Callable[[Order], None] | None = None) -> bool:
+        """Start an order that was waiting: paid (WAIT_PAY -> PAID -> IN_FULFILMENT) or
+        replayed from the exception centre (MANUAL_REVIEW -> IN_FULFILMENT)."""
         stored = await self.store.get(order_no)
         if stored is None or stored.state not in (st.WAIT_PAY, st.MANUAL) or order_no in self.in_flight:
             return False
@@ -184,10 +199,13 @@ class Pipeline:
         if change is not None:
             change(order)
         now = self.clock.now()
-        order.status = status
-        order.timestamps[status] = now
+        events: list[Event] = []
+        if order.status == states.WAIT_PAY:
+            move(order, states.PAID, now, events)
+        move(order, IN_FULFILMENT, now, events)
         job = Job(order, self.route_of(order), stored.stage, 0, now)
-        await self._checkpoint([self._record(job, stored.stage, "release", reason, st.QUEUED, stored.stage, None)])
+        await self._checkpoint([self._record(job, stored.stage, "release", reason, st.QUEUED, stored.stage, None,
+                                             now, events=events)])
         await self._start(job)
         return True
 
@@ -301,18 +319,33 @@ class Pipeline:
         return jobs
 
     def _record(self, job: Job, stage: str, outcome: str, reason: str, state: str, target: str,
-                wake: float | None, now: float | None = None, children: list[Job] = ()) -> Checkpoint:
+                wake: float | None, now: float | None = None, children: list[Job] = (),
+                events: list[Event] | None = None) -> Checkpoint:
         now = self.clock.now() if now is None else now
         order = job.order
-        end = "@" + state
-        if end in END_STATUS:
-            order.status = END_STATUS[end]
-            order.timestamps[order.status] = now
+        events = [] if events is None else events
+        self._status(order, state, outcome, now, events)
         new = tuple(NewOrder(c.order.order_no, c.order.source, f"{order.external_id}#{c.order.order_no}",
                              c.order.kind, st.QUEUED, c.stage, c.order.status, now,
                              order_codec.encode(c.order), order.order_no) for c in children)
         return Checkpoint(order.order_no, stage, outcome, reason, now, state, target, order.status,
-                          job.attempts, wake, order_codec.encode(order), new)
+                          job.attempts, wake, order_codec.encode(order), new, tuple(events))
+
+    @staticmethod
+    def _status(order: Order, state: str, outcome: str, now: float, events: list[Event]) -> None:
+        """The business status that goes with a runtime state (the common case changes nothing)."""
+        if state == st.QUEUED and order.status == IN_FULFILMENT:
+            return
+        if order.status == states.PARKED and outcome != "park":
+            move(order, IN_FULFILMENT, now, events)  # woken up: back at work first
+        if state == st.PARKED:
+            if outcome == "park":  # a retry backoff is no business state
+                move(order, states.PARKED, now, events)
+        elif state == st.CANCELLED:
+            move(order, states.CANCEL_REQUESTED, now, events)
+            move(order, states.CANCELLED, now, events)
+        else:
+            move(order, STATUS_OF_STATE[state], now, events)
 
     async def _checkpoint(self, records: list[Checkpoint]) -> None:
         if self.store.persistent:
@@ -340,7 +373,8 @@ class Pipeline:
         end = routing.DONE if any(c.state == st.DONE for c in children) else routing.CANCELLED
         order = order_codec.decode(parent.doc)
         job = Job(order, self.route_of(order), parent.stage, 0, self.clock.now())
-        await self._checkpoint([self._record(job, "children", "settled", "", END_STATES[end], end, None)])
+        await self._checkpoint([self._record(job, "children", "settled", f"{len(children)} children ended",
+                                             END_STATES[end], end, None)])
 
     # -- timers and restart ---------------------------------------------------
 

@@ -75,6 +75,7 @@ mean_ms = 2.0
     finally:
         d.stop()
     assert d.proc.returncode == 0
+    assert "illegal_transition" not in d.log_path.read_text()
     rows = _orders(tmp_path / "oms.sqlite3")
     top = [r for r in rows if r["parent_no"] is None]
     assert len(top) == N and {r["external_id"] for r in top} == {o["external_id"] for o in orders}

@@ -66,6 +66,9 @@ async def test_park_resumes_the_same_stage_when_the_virtual_clock_reaches_it():
         await finish(p)
         tg.cancel_scope.cancel()
     assert p.finished == {"@done": 1}
+    moves = [(e.from_status, e.to_status) for e in await p.store.events(order.order_no)]
+    assert moves == [("CREATED", "IN_FULFILMENT"), ("IN_FULFILMENT", "PARKED"), ("PARKED", "IN_FULFILMENT"),
+                     ("IN_FULFILMENT", "DISPATCHED")]
 
 
 async def test_exceptions_retry_with_backoff_then_go_to_manual():
@@ -155,11 +158,13 @@ async def test_a_manual_order_is_replayed_from_the_exception_centre():
         await p.submit(make_order(1))
         await finish(p)
         fixed["ok"] = True
-        assert await p.release("T00000000000000001", "IN_FULFILMENT", "replayed by operator")
+        assert await p.release("T00000000000000001", "replayed by operator")
         await finish(p, 2)
         tg.cancel_scope.cancel()
     assert p.finished == {"@manual": 1, "@done": 1}
     assert (await store.get("T00000000000000001")).state == st.DONE
+    moves = [e.to_status for e in await store.events("T00000000000000001")]
+    assert moves == ["IN_FULFILMENT", "MANUAL_REVIEW", "IN_FULFILMENT", "DISPATCHED"]
 
 
 async def test_split_children_flow_on_and_the_parent_ends_when_they_do():

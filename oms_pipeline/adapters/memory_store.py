@@ -6,7 +6,7 @@ contract, but nothing survives the process. With `checkpoints=False`
 """
 from __future__ import annotations
 
-from ..ports.store import ACTIVE_STATES, Checkpoint, HistoryEntry, NewOrder, StoredOrder
+from ..ports.store import ACTIVE_STATES, Checkpoint, Event, HistoryEntry, NewOrder, StoredOrder
 
 
 class MemoryStore:
@@ -16,6 +16,7 @@ class MemoryStore:
         self._orders: dict[str, StoredOrder] = {}
         self._by_external: dict[tuple[str, str], str] = {}
         self._history: dict[str, list[HistoryEntry]] = {}
+        self._events: dict[str, list[Event]] = {}
         self._sequences: dict[str, int] = {}
         self._created_at: dict[str, float] = {}
 
@@ -34,6 +35,7 @@ class MemoryStore:
             return existing, False
         self._insert(order)
         self._log(HistoryEntry(order.order_no, "intake", "created", "", order.at))
+        self._emit(order.events)
         return order.order_no, True
 
     def _insert(self, o: NewOrder) -> None:
@@ -53,6 +55,7 @@ class MemoryStore:
                                                     attempts=r.attempts, wake_at=r.wake_at, doc=r.doc,
                                                     updated_at=r.at)
             self._log(HistoryEntry(r.order_no, r.from_stage, r.outcome, r.reason, r.at))
+            self._emit(r.events)
             for child in r.children:
                 self._insert(child)
                 self._log(HistoryEntry(child.order_no, r.from_stage, "created", f"child of {r.order_no}", r.at))
@@ -60,6 +63,14 @@ class MemoryStore:
     def _log(self, entry: HistoryEntry) -> None:
         if self.keep_history:
             self._history.setdefault(entry.order_no, []).append(entry)
+
+    def _emit(self, events: tuple[Event, ...]) -> None:
+        if self.keep_history:
+            for event in events:
+                self._events.setdefault(event.order_no, []).append(event)
+
+    async def events(self, order_no: str) -> list[Event]:
+        return list(self._events.get(order_no, []))
 
     async def get(self, order_no: str) -> StoredOrder | None:
         return self._orders.get(order_no)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import sqlfiles
-from ..ports.store import Checkpoint, HistoryEntry, NewOrder, StoredOrder
+from ..ports.store import Checkpoint, Event, HistoryEntry, NewOrder, StoredOrder
 
 Q = sqlfiles.queries("sqlite")
 
@@ -168,6 +168,9 @@ class SqliteStore:
     async def history(self, order_no: str) -> list[HistoryEntry]:
         return [HistoryEntry(*r) for r in await self._rows(Q["order_history"], order_no)]
 
+    async def events(self, order_no: str) -> list[Event]:
+        return [Event(*r) for r in await self._rows(Q["order_events"], order_no)]
+
     async def counts(self) -> dict[str, int]:
         return dict(await self._rows(Q["counts"]))
 
@@ -206,6 +209,7 @@ def _create(conn: sqlite3.Connection, orders: list[NewOrder]) -> list[tuple[str,
 def _create_one(conn: sqlite3.Connection, order: NewOrder) -> tuple[str, bool]:
     if _insert_row(conn, order):
         conn.execute(Q["history"], (order.order_no, "intake", "created", "", order.at))
+        conn.executemany(Q["add_event"], order.events)
         return order.order_no, True
     return conn.execute(Q["order_no_by_external"], (order.source, order.external_id)).fetchone()[0], False
 
@@ -215,6 +219,8 @@ def _checkpoint(conn: sqlite3.Connection, records: list[Checkpoint]) -> None:
                                         r.at, r.order_no) for r in records])
     conn.executemany(Q["history"], [(r.order_no, r.from_stage, r.outcome, r.reason, r.at) for r in records])
     for r in records:
+        if r.events:
+            conn.executemany(Q["add_event"], r.events)
         for child in r.children:
             if _insert_row(conn, child):
                 conn.execute(Q["history"], (child.order_no, r.from_stage, "created", f"child of {r.order_no}", r.at))

@@ -21,6 +21,15 @@ TERMINAL_STATES = frozenset({DONE, CANCELLED, SPLIT})
 ACTIVE_STATES = frozenset({QUEUED, PARKED, WAIT_PAY})
 
 
+class Event(NamedTuple):
+    """A business state change, written with the checkpoint that made it (the outbox)."""
+
+    order_no: str
+    from_status: str
+    to_status: str
+    at: float
+
+
 class NewOrder(NamedTuple):
     order_no: str
     source: str
@@ -32,6 +41,7 @@ class NewOrder(NamedTuple):
     at: float
     doc: bytes
     parent_no: str | None = None
+    events: tuple[Event, ...] = ()
 
 
 class Checkpoint(NamedTuple):
@@ -47,6 +57,7 @@ class Checkpoint(NamedTuple):
     wake_at: float | None
     doc: bytes
     children: tuple[NewOrder, ...] = ()
+    events: tuple[Event, ...] = ()
 
 
 class StoredOrder(NamedTuple):
@@ -93,6 +104,9 @@ class Store(Protocol):
         """Orders in a runtime state, by order number, for paging."""
 
     async def history(self, order_no: str) -> list[HistoryEntry]: ...
+
+    async def events(self, order_no: str) -> list[Event]:
+        """The order's business state changes, oldest first."""
 
     async def children(self, parent_no: str) -> list[StoredOrder]: ...
 

@@ -13,14 +13,14 @@ from oms_pipeline.pipeline import Pipeline
 from oms_pipeline.stage import StageSpec
 
 
-def make_order(i: int, kind: str = "toc", flags: str = "") -> Order:
+def make_order(i: int, kind: str = "tob", flags: str = "") -> Order:
     return Order(order_no=f"T{i:017d}", source="app", external_id=f"ext-{i}", kind=kind, member_id=f"m{i % 7}",
                  consignee=Address(name="Zhang San", phone="13812345678", province="Beijing", city="Beijing"),
                  lines=[Line(line_no=1, sku="SKU-1", qty=1, unit_price=1000)], amounts=Amounts(payable=1000),
                  flags=flags)
 
 
-def table(stages: list[str], kinds=("toc",), **extra: Any) -> routing.RoutingTable:
+def table(stages: list[str], kinds=("tob",), **extra: Any) -> routing.RoutingTable:
     raw = {"stages": stages, "paths": {"all": {"kinds": list(kinds)}}, **extra}
     t = routing.parse(raw)
     routing.validate(t, stages, kinds)

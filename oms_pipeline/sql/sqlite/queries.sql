@@ -40,3 +40,9 @@ SELECT order_no, stage, outcome, reason, at FROM stage_history WHERE order_no = 
 
 -- name: counts
 SELECT state, count(*) FROM orders GROUP BY state;
+
+-- name: add_event
+INSERT INTO order_events (order_no, from_status, to_status, at) VALUES (?, ?, ?, ?);
+
+-- name: order_events
+SELECT order_no, from_status, to_status, at FROM order_events WHERE order_no = ? ORDER BY id;
