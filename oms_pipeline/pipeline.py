@@ -99,6 +99,7 @@ class Pipeline:
         self.workers = {name: StageWorker(spec, cfg, self)
                         for (name, spec), cfg in zip(self.specs.items(), stage_configs(settings, specs).values())}
         self.in_flight: set[str] = set()
+        self._open_children: dict[str, int] = {}  # split parents -> children not yet ended
         self.finished: dict[str, int] = {}
         self.e2e = Histogram(E2E_BUCKETS)
         self.state_counts: dict[str, int] = {}
@@ -316,6 +317,7 @@ class Pipeline:
             first = route.targets[parent.stage]["next"] if parent.stage in route.targets else route.first
             jobs.append(Job(child, route, first, 0, parent.started))
         parent.order.children = [c.order.order_no for c in jobs]
+        self._open_children[parent.order.order_no] = len(jobs)
         return jobs
 
     def _record(self, job: Job, stage: str, outcome: str, reason: str, state: str, target: str,
@@ -358,7 +360,14 @@ class Pipeline:
         if end == routing.DONE:
             self.e2e.observe(max(0.0, self.clock.now() - job.started))
         if order.parent_no and end in (routing.DONE, routing.CANCELLED) and self._tg is not None:
-            self._tg.start_soon(self._settle_parent, order.parent_no)
+            # Count down here; only the last child (or a child of a parent split
+            # before a restart, which this process did not count) asks the store.
+            left = self._open_children.get(order.parent_no, 1) - 1
+            if left > 0:
+                self._open_children[order.parent_no] = left
+            else:
+                self._open_children.pop(order.parent_no, None)
+                self._tg.start_soon(self._settle_parent, order.parent_no)
         for listener in self.listeners:
             listener(end, reason, order)
 

@@ -19,6 +19,7 @@ class MemoryStore:
         self._events: dict[str, list[Event]] = {}
         self._sequences: dict[str, int] = {}
         self._created_at: dict[str, float] = {}
+        self._children: dict[str, list[str]] = {}
 
     async def open(self) -> None:
         pass
@@ -43,6 +44,8 @@ class MemoryStore:
             return
         self._by_external[(o.source, o.external_id)] = o.order_no
         self._created_at[o.order_no] = o.at
+        if o.parent_no is not None:
+            self._children.setdefault(o.parent_no, []).append(o.order_no)
         self._orders[o.order_no] = StoredOrder(o.order_no, o.kind, o.state, o.stage, o.status, 0, None,
                                                o.doc, o.parent_no, o.at)
 
@@ -84,7 +87,7 @@ class MemoryStore:
         return [self._orders[no] for no in found[:limit]]
 
     async def children(self, parent_no: str) -> list[StoredOrder]:
-        return sorted((o for o in self._orders.values() if o.parent_no == parent_no), key=lambda o: o.order_no)
+        return [self._orders[no] for no in sorted(self._children.get(parent_no, ()))]
 
     async def history(self, order_no: str) -> list[HistoryEntry]:
         return list(self._history.get(order_no, []))
