@@ -41,14 +41,14 @@ def specs() -> dict[str, StageSpec]:
 
 
 def table(names) -> routing.RoutingTable:
-    raw = {"stages": list(names), "paths": {"all": {"kinds": ["toc"]}}}
+    raw = {"stages": list(names), "paths": {"all": {"kinds": ["tob"]}}}
     t = routing.parse(raw)
-    routing.validate(t, names, ["toc"])
+    routing.validate(t, names, ["tob"])
     return t
 
 
 def make_order(i: int) -> Order:
-    return Order(order_no=f"{i:018d}", source="app", external_id=str(i), kind="toc", member_id="m",
+    return Order(order_no=f"{i:018d}", source="sales_plan", external_id=str(i), kind="tob", member_id="m",
                  consignee=Address(name="n", phone="p", province="pr", city="c"),
                  lines=[Line(line_no=1, sku="SKU-1", qty=1, unit_price=100)], amounts=Amounts(payable=100))
 

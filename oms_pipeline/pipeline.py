@@ -47,8 +47,8 @@ def move(order: Order, to: str, now: float, events: list[Event]) -> None:
     try:
         event = states.transition(order, to, now)
     except states.IllegalTransition as exc:
-        log.error("illegal transition refused", extra={"event": "illegal_transition", "order_no": order.order_no,
-                                                       "reason": str(exc)})
+        log.error("illegal transition refused: %s", exc, extra={"event": "illegal_transition",
+                                                                 "order_no": order.order_no})
         return
     events.append(Event(event.order_no, event.from_state, event.to_state, now))
 
