@@ -48,11 +48,12 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     started = time.perf_counter()
     try:
         response = await _guarded(request, handler)
+        response.headers["X-Request-Id"] = rid
+        log.debug("request", extra={"event": "http", "method": request.method, "path": request.path,
+                                    "status": response.status,
+                                    "ms": round((time.perf_counter() - started) * 1000, 2)})
     finally:
         logs.request_id.reset(token)
-    response.headers["X-Request-Id"] = rid
-    log.debug("request", extra={"event": "http", "method": request.method, "path": request.path,
-                                "status": response.status, "ms": round((time.perf_counter() - started) * 1000, 2)})
     return response
 
 

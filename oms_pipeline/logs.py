@@ -62,7 +62,7 @@ class JsonFormatter(logging.Formatter):
             if key not in _STANDARD and not key.startswith("_"):
                 out[key] = mask(key, value)
         if record.exc_info:
-            out["error"] = self.formatException(record.exc_info)
+            out["error"] = mask_phone(self.formatException(record.exc_info))
         return orjson.dumps(out, default=str).decode()
 
 

@@ -70,7 +70,7 @@ def stage_configs(settings: Settings, specs: Mapping[str, StageSpec]) -> dict[st
     """Each stage's settings, falling back to the defaults of its kind."""
     unknown = set(settings.stages) - set(specs)
     if unknown:
-        raise ValueError(f"{settings.source}: [stages.{sorted(unknown)[0]}] is not a known stage")
+        raise ValueError(f"[stages.{sorted(unknown)[0]}] is not a known stage")
     out = {}
     for name, spec in specs.items():
         own = settings.stages.get(name)
