@@ -41,10 +41,12 @@ def rss_mb() -> float:
 async def main(n: int, batch: int, db: str) -> None:
     url = "memory://" if db == "memory" else f"sqlite:///{db}"
     settings = config.from_mapping({"store": {"url": url}, "metrics": {"port": 0},
+                                    "downstream": {"retain_effects": False},
                                     "routing": {"file": str(ROOT / "config" / "routes.toml")}})
     app = await app_module.build(settings)
     p = app.pipeline
     peak = rss_mb()
+    most_in_flight = 0
     async with anyio.create_task_group() as tg:
         await tg.start(p.run)
         started = time.perf_counter()
@@ -55,6 +57,7 @@ async def main(n: int, batch: int, db: str) -> None:
                 await app.intake.create(pending)
                 pending = []
                 peak = max(peak, rss_mb())
+                most_in_flight = max(most_in_flight, len(p.in_flight))
         if pending:
             await app.intake.create(pending)
         fed = time.perf_counter() - started
@@ -65,10 +68,11 @@ async def main(n: int, batch: int, db: str) -> None:
         tg.cancel_scope.cancel()
     counts = await p.store.counts()
     commits = getattr(p.store, "commits", 0)
-    await app.aclose()
+    await app.aclose()  # (effects.count() stays readable after close)
     top = n
     print(f"orders={n} elapsed={elapsed:.1f}s rate={top / elapsed:,.0f} orders/s (intake done after {fed:.1f}s) "
           f"peak_rss={peak:.0f}MB max_rss={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}MB "
+          f"most_in_flight={most_in_flight} effects_remembered_by_simulators={app.effects.count()} "
           f"states={counts} commits={commits}")
 
 

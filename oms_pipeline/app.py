@@ -75,7 +75,7 @@ async def build(settings: Settings, *, clock: Clock | None = None) -> App:
         await store.open()
         stack.push_async_callback(store.close)
         sim = SimSettings.from_mapping(settings.downstream)
-        effects = EffectLog(sim.effect_log or None)
+        effects = EffectLog(sim.effect_log or None, retain=sim.retain_effects)
         await effects.open()
         stack.push_async_callback(effects.close)
         ports = build_simulated_ports(sim, clock, effects)

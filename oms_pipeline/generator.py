@@ -9,7 +9,7 @@ Gift lines are never generated: the `gifts` stage adds them.
 from __future__ import annotations
 
 import random
-import time
+from datetime import datetime, timedelta, timezone
 from typing import Any, Iterator
 
 import msgspec
@@ -74,8 +74,12 @@ def _catalogue() -> list[dict[str, Any]]:
 CATALOGUE = _catalogue()
 
 
+# Delivery dates are business dates (China, UTC+8), the way effective_time and gifts read them.
+BUSINESS_TZ = timezone(timedelta(hours=8))
+
+
 def _iso_date(ts: float) -> str:
-    return time.strftime("%Y-%m-%d", time.gmtime(ts))
+    return datetime.fromtimestamp(ts, BUSINESS_TZ).date().isoformat()
 
 
 class _Draw:

@@ -327,7 +327,7 @@ class Pipeline:
         order = job.order
         events = [] if events is None else events
         self._status(order, state, outcome, now, events)
-        new = tuple(NewOrder(c.order.order_no, c.order.source, f"{order.external_id}#{c.order.order_no}",
+        new = tuple(NewOrder(c.order.order_no, c.order.source, c.order.external_id,
                              c.order.kind, st.QUEUED, c.stage, c.order.status, now,
                              order_codec.encode(c.order), order.order_no) for c in children)
         return Checkpoint(order.order_no, stage, outcome, reason, now, state, target, order.status,
@@ -384,6 +384,8 @@ class Pipeline:
         job = Job(order, self.route_of(order), parent.stage, 0, self.clock.now())
         await self._checkpoint([self._record(job, "children", "settled", f"{len(children)} children ended",
                                              END_STATES[end], end, None)])
+        for listener in self.listeners:
+            listener(end, "children ended", order)
 
     # -- timers and restart ---------------------------------------------------
 

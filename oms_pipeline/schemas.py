@@ -14,7 +14,8 @@ from .order import KINDS, PAYMENT_METHODS, SOURCES, ZONES
 
 Cents = Annotated[StrictInt, Field(ge=0, le=10_000_000_000)]
 Text = Annotated[str, Field(max_length=256)]
-Code = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:#/-]+$")]
+# No "#": a split child is named PARENT_EXTERNAL_ID#n, which no request may claim.
+Code = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:/-]+$")]
 
 
 class _Strict(BaseModel):

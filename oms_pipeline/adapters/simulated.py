@@ -131,6 +131,7 @@ class SimSettings(_Frozen):
     risk: RiskSim = RiskSim()
     product: ProductSim = ProductSim()
     effect_log: str = ""  # SQLite file for a durable EffectLog; "" keeps the log in memory
+    retain_effects: bool = True  # keep every effect's payload in memory (off for long benchmarks)
 
     def __post_init__(self) -> None:
         for table in ("latency", "failure_rate"):
@@ -224,8 +225,12 @@ class EffectLog:
     effect only once its row is committed.
     """
 
-    def __init__(self, path: str | None = None, *, max_batch: int = 5000) -> None:
+    def __init__(self, path: str | None = None, *, max_batch: int = 5000, retain: bool = True) -> None:
+        if path and not retain:
+            raise ValueError("a durable effect log retains its effects (it rebuilds state from them)")
         self.path = path
+        self.retain = retain  # False: only keys and results stay in memory, payloads do not
+        self.counts: dict[str, int] = {}  # effects applied, per system
         self.duplicates: dict[str, int] = {}  # per system
         self._results: dict[tuple[str, str, str], Any] = {}
         self._effects: list[Effect] = []
@@ -255,7 +260,7 @@ class EffectLog:
         for key, system, op, result, at, payload in rows:
             value = msgspec.json.decode(result)
             self._results[(key, system, op)] = _Restored(value)
-            self._effects.append(Effect(key, system, op, msgspec.json.decode(payload), value, at))
+            self._keep(Effect(key, system, op, msgspec.json.decode(payload), value, at))
         self.duplicates.update(duplicates)
 
     async def close(self) -> None:
@@ -287,7 +292,7 @@ class EffectLog:
         result = effect()
         self._results[ident] = result
         row = Effect(key, system, op, payload, result, at)
-        self._effects.append(row)
+        self._keep(row)
         if self._writer is not None:
             await self._persist(ident, row)
         return result
@@ -318,13 +323,20 @@ class EffectLog:
             # The effect is applied in memory but not stored: nothing after it can be trusted.
             self._failed = future.exception()
 
+    def _keep(self, effect: Effect) -> None:
+        self.counts[effect.system] = self.counts.get(effect.system, 0) + 1
+        if self.retain:
+            self._effects.append(effect)
+
     def applied(self, system: str | None = None) -> list[Effect]:
+        if not self.retain:
+            raise RuntimeError("this effect log does not retain effects (retain_effects = false)")
         return [e for e in self._effects if system is None or e.system == system]
 
     def count(self, system: str | None = None) -> int:
         if system is None:
-            return len(self._effects)
-        return sum(1 for e in self._effects if e.system == system)
+            return sum(self.counts.values())
+        return self.counts.get(system, 0)
 
 
 def _connect(path: str) -> sqlite3.Connection:
@@ -944,6 +956,6 @@ def build_simulated_ports(settings: SimSettings, clock: Any, effects: EffectLog)
     if not effects.is_open:
         raise RuntimeError(f"effect log {effects.path} is not open: await open() before building ports")
     systems = {name: cls(_Channel(name, settings, clock, effects), settings) for name, cls in _CLASSES.items()}
-    for effect in effects.applied():
+    for effect in effects.applied() if effects.retain else ():
         systems[effect.system].replay(effect)
     return Ports(**systems)

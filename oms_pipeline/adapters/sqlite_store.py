@@ -35,8 +35,9 @@ def connect(path: str, synchronous: str = "normal") -> sqlite3.Connection:
     conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
     conn.execute("PRAGMA busy_timeout=30000")
     # Order numbers are random by design, so checkpoints touch pages all over
-    # the table: a page cache that holds the working set matters (default 2 MB).
-    conn.execute("PRAGMA cache_size=-262144")  # 256 MiB
+    # the table: a page cache that holds the in-flight working set matters
+    # (SQLite's default is 2 MB).
+    conn.execute("PRAGMA cache_size=-65536")  # 64 MiB
     return conn
 
 
