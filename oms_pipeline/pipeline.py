@@ -182,7 +182,7 @@ class Pipeline:
             jobs.append(Job(order, route, route.first, 0, now))
             rows.append(NewOrder(order.order_no, order.source, order.external_id, order.kind, state,
                                  route.first, order.status, now, order_codec.encode(order), order.parent_no,
-                                 tuple(events)))
+                                 tuple(events), order.member_id))
         results = await self.store.create(rows)
         started = [job for job, (_, created) in zip(jobs, results) if created]
         self.intake_count += len(started)
@@ -329,7 +329,8 @@ class Pipeline:
         self._status(order, state, outcome, now, events)
         new = tuple(NewOrder(c.order.order_no, c.order.source, c.order.external_id,
                              c.order.kind, st.QUEUED, c.stage, c.order.status, now,
-                             order_codec.encode(c.order), order.order_no) for c in children)
+                             order_codec.encode(c.order), order.order_no, (), c.order.member_id)
+                    for c in children)
         return Checkpoint(order.order_no, stage, outcome, reason, now, state, target, order.status,
                           job.attempts, wake, order_codec.encode(order), new, tuple(events))
 

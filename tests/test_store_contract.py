@@ -101,3 +101,13 @@ async def test_sqlite_groups_concurrent_writes_into_few_commits(tmp_path):
     assert len(await s.in_state(st.QUEUED, limit=1000)) == 500
     assert s.commits < 100  # group commit: far fewer transactions than writes
     await s.close()
+
+
+async def test_search_filters_by_member_status_and_state_with_a_cursor(store):
+    rows = [new(f"N{i}")._replace(member_id="M1" if i % 2 else "M2") for i in range(6)]
+    await store.create(rows)
+    await store.checkpoint([cp("N1", "a", st.DONE, "@done", status="DISPATCHED")])
+    assert [o.order_no for o in await store.search(member="M1")] == ["N1", "N3", "N5"]
+    assert [o.order_no for o in await store.search(member="M1", statuses=("DISPATCHED",))] == ["N1"]
+    assert [o.order_no for o in await store.search(state=st.QUEUED, limit=2)] == ["N0", "N2"]
+    assert [o.order_no for o in await store.search(state=st.QUEUED, limit=2, after="N2")] == ["N3", "N4"]

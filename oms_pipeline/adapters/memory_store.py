@@ -20,6 +20,7 @@ class MemoryStore:
         self._sequences: dict[str, int] = {}
         self._created_at: dict[str, float] = {}
         self._children: dict[str, list[str]] = {}
+        self._members: dict[str, str] = {}
 
     async def open(self) -> None:
         pass
@@ -44,6 +45,7 @@ class MemoryStore:
             return
         self._by_external[(o.source, o.external_id)] = o.order_no
         self._created_at[o.order_no] = o.at
+        self._members[o.order_no] = o.member_id
         if o.parent_no is not None:
             self._children.setdefault(o.parent_no, []).append(o.order_no)
         self._orders[o.order_no] = StoredOrder(o.order_no, o.kind, o.state, o.stage, o.status, 0, None,
@@ -88,6 +90,13 @@ class MemoryStore:
 
     async def children(self, parent_no: str) -> list[StoredOrder]:
         return [self._orders[no] for no in sorted(self._children.get(parent_no, ()))]
+
+    async def search(self, *, member: str = "", statuses: tuple[str, ...] = (), state: str = "",
+                     limit: int = 100, after: str = "") -> list[StoredOrder]:
+        found = sorted(no for no, o in self._orders.items()
+                       if no > after and (not member or self._members[no] == member)
+                       and (not statuses or o.status in statuses) and (not state or o.state == state))
+        return [self._orders[no] for no in found[:limit]]
 
     async def history(self, order_no: str) -> list[HistoryEntry]:
         return list(self._history.get(order_no, []))

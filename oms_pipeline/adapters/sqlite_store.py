@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import orjson
+
 from .. import sqlfiles
 from ..ports.store import Checkpoint, Event, HistoryEntry, NewOrder, StoredOrder
 
@@ -155,6 +157,11 @@ class SqliteStore:
     async def children(self, parent_no: str) -> list[StoredOrder]:
         return [StoredOrder(*r) for r in await self._rows(Q["children"], parent_no)]
 
+    async def search(self, *, member: str = "", statuses: tuple[str, ...] = (), state: str = "",
+                     limit: int = 100, after: str = "") -> list[StoredOrder]:
+        rows = await self._rows(Q["search_orders"], member, orjson.dumps(list(statuses)).decode(), state, after, limit)
+        return [StoredOrder(*r) for r in rows]
+
     async def history(self, order_no: str) -> list[HistoryEntry]:
         return [HistoryEntry(*r) for r in await self._rows(Q["order_history"], order_no)]
 
@@ -177,7 +184,7 @@ def _settle(requests: list[_Request], error: BaseException | None) -> None:
 
 def _insert_row(conn: sqlite3.Connection, o: NewOrder) -> bool:
     cur = conn.execute(Q["create_order"], (o.order_no, o.source, o.external_id, o.kind, o.state,
-                                           o.stage, o.status, o.parent_no, o.doc, o.at, o.at))
+                                           o.stage, o.status, o.parent_no, o.doc, o.at, o.at, o.member_id))
     return cur.rowcount == 1
 
 

@@ -42,6 +42,7 @@ class NewOrder(NamedTuple):
     doc: bytes
     parent_no: str | None = None
     events: tuple[Event, ...] = ()
+    member_id: str = ""
 
 
 class Checkpoint(NamedTuple):
@@ -102,6 +103,10 @@ class Store(Protocol):
 
     async def in_state(self, state: str, limit: int = 100, after: str = "") -> list[StoredOrder]:
         """Orders in a runtime state, by order number, for paging."""
+
+    async def search(self, *, member: str = "", statuses: tuple[str, ...] = (), state: str = "",
+                     limit: int = 100, after: str = "") -> list[StoredOrder]:
+        """Orders matching every given filter (empty: any), by order number after `after`."""
 
     async def history(self, order_no: str) -> list[HistoryEntry]: ...
 

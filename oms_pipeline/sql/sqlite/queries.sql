@@ -1,7 +1,7 @@
 -- name: create_order
 INSERT INTO orders (order_no, source, external_id, kind, state, stage, status, attempts, wake_at,
-                    parent_no, doc, created_at, updated_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, 0, NULL, ?, ?, ?, ?)
+                    parent_no, doc, created_at, updated_at, member_id)
+VALUES (?, ?, ?, ?, ?, ?, ?, 0, NULL, ?, ?, ?, ?, ?)
 ON CONFLICT (source, external_id) DO NOTHING;
 
 -- name: order_no_by_external
@@ -46,3 +46,13 @@ INSERT INTO order_events (order_no, from_status, to_status, at) VALUES (?, ?, ?,
 
 -- name: order_events
 SELECT order_no, from_status, to_status, at FROM order_events WHERE order_no = ? ORDER BY id;
+
+-- name: search_orders
+-- Filters left empty ('' / '[]') match everything; paging is by order number.
+SELECT order_no, kind, state, stage, status, attempts, wake_at, doc, parent_no, updated_at
+FROM orders
+WHERE (?1 = '' OR member_id = ?1)
+  AND (?2 = '[]' OR status IN (SELECT value FROM json_each(?2)))
+  AND (?3 = '' OR state = ?3)
+  AND order_no > ?4
+ORDER BY order_no LIMIT ?5;
