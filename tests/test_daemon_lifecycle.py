@@ -1,7 +1,6 @@
 """The daemon as an operator runs it: SIGTERM drain, a second SIGTERM, SIGHUP reload, sd_notify."""
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import time

@@ -6,30 +6,21 @@ from typing import Any
 import pytest
 
 from oms_pipeline import generator
-from oms_pipeline.adapters.local_coordination import LocalCoordination
-from oms_pipeline.adapters.simulated import EffectLog, SimSettings, build_simulated_ports
+from oms_pipeline.adapters.simulated import EffectLog
 from oms_pipeline.clock import VirtualClock
 from oms_pipeline.order import Address, Amounts, Line, Order
 from oms_pipeline.outcome import TransientError
 from oms_pipeline.stage import StageContext
+from tests.support.stages import stage_context
 from stages.audit import SPEC, handle
 
 CLEAN = {"risk": {"base_max": 1}}  # every score 0 unless a test raises it
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
 
 async def make_ctx(settings: dict[str, Any] | None = None, sim: dict[str, Any] | None = None,
                    clock: VirtualClock | None = None) -> tuple[StageContext, EffectLog]:
-    clock = clock or VirtualClock()
-    log = EffectLog()
-    await log.open()
-    ports = build_simulated_ports(SimSettings.from_mapping(CLEAN if sim is None else sim), clock, log)
-    return StageContext(SPEC.name, {**SPEC.defaults, **(settings or {})}, ports,
-                        LocalCoordination(clock), clock), log
+    return await stage_context(SPEC, settings, CLEAN if sim is None else sim, clock)
 
 
 def order(no: str = "O500", *, member: str = "M1", phone: str = "13812345678", remark: str = "",

@@ -7,26 +7,17 @@ import pytest
 from hypothesis import given, strategies as st
 
 from oms_pipeline import flags, generator
-from oms_pipeline.adapters.local_coordination import LocalCoordination
-from oms_pipeline.adapters.simulated import EffectLog, SimSettings, build_simulated_ports
-from oms_pipeline.clock import VirtualClock
+from oms_pipeline.adapters.simulated import EffectLog
 from oms_pipeline.order import Address, Amounts, Line, Order
 from oms_pipeline.outcome import PermanentError, TransientError
 from oms_pipeline.stage import StageContext
+from tests.support.stages import stage_context
 from stages.fill import SPEC, expand, handle, largest_remainder
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
 
 async def make_ctx(sim: dict[str, Any] | None = None) -> tuple[StageContext, EffectLog]:
-    clock = VirtualClock()
-    log = EffectLog()
-    await log.open()
-    ports = build_simulated_ports(SimSettings.from_mapping(sim or {}), clock, log)
-    return StageContext(SPEC.name, dict(SPEC.defaults), ports, LocalCoordination(clock), clock), log
+    return await stage_context(SPEC, None, sim)
 
 
 def order(lines: list[Line], bundles: dict[str, Any] | None = None) -> Order:

@@ -4,25 +4,16 @@ from __future__ import annotations
 import pytest
 
 from oms_pipeline import flags, generator
-from oms_pipeline.adapters.local_coordination import LocalCoordination
-from oms_pipeline.adapters.simulated import EffectLog, SimSettings, build_simulated_ports
-from oms_pipeline.clock import VirtualClock
+from oms_pipeline.adapters.simulated import EffectLog
 from oms_pipeline.order import Address, Amounts, Line, Order
 from oms_pipeline.stage import StageContext
+from tests.support.stages import stage_context
 from stages.presale import SPEC, handle, presale_lines
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
 
 async def make_ctx() -> tuple[StageContext, EffectLog]:
-    clock = VirtualClock()
-    log = EffectLog()
-    await log.open()
-    ports = build_simulated_ports(SimSettings.from_mapping({}), clock, log)
-    return StageContext(SPEC.name, dict(SPEC.defaults), ports, LocalCoordination(clock), clock), log
+    return await stage_context(SPEC)
 
 
 def order(lines: list[Line], *, presale: bool = True, order_flags: str = "") -> Order:

@@ -6,26 +6,17 @@ from typing import Any
 import pytest
 
 from oms_pipeline import generator
-from oms_pipeline.adapters.local_coordination import LocalCoordination
-from oms_pipeline.adapters.simulated import EffectLog, SimSettings, build_simulated_ports
-from oms_pipeline.clock import VirtualClock
+from oms_pipeline.adapters.simulated import EffectLog
 from oms_pipeline.order import Address, Amounts, Line, Order
 from oms_pipeline.outcome import TransientError
 from oms_pipeline.stage import StageContext
+from tests.support.stages import stage_context
 from stages.voucher import SPEC, handle
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
 
 async def make_ctx(sim: dict[str, Any] | None = None) -> tuple[StageContext, EffectLog]:
-    clock = VirtualClock()
-    log = EffectLog()
-    await log.open()
-    ports = build_simulated_ports(SimSettings.from_mapping(sim or {}), clock, log)
-    return StageContext(SPEC.name, dict(SPEC.defaults), ports, LocalCoordination(clock), clock), log
+    return await stage_context(SPEC, None, sim)
 
 
 def order(*, payable: int = 4200, paid: int = 4200, method: str = "online", no: str = "O200") -> Order:
