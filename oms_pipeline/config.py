@@ -135,14 +135,19 @@ class Settings(_Frozen):
 def load(path: str | os.PathLike | None = None, env: dict[str, str] | None = None) -> Settings:
     """Read, override from the environment, and validate a config file."""
     path = Path(path) if path else DEFAULT_CONFIG
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    raw = read_toml(path, ConfigError, "config file")
     _apply_env(raw, os.environ if env is None else env, path)
     return from_mapping(raw, source=str(path), base_dir=str(path.resolve().parent))
+
+
+def read_toml(path: Path, error: type[Exception], what: str) -> dict[str, Any]:
+    """A TOML file's tables, or `error` naming the file and what is wrong with it."""
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise error(f"{path}: no such {what}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise error(f"{path}: not valid TOML: {exc}") from None
 
 
 def from_mapping(raw: dict[str, Any], *, source: str = "<mapping>", base_dir: str = ".") -> Settings:

@@ -14,10 +14,11 @@ come back to the same stage.
 from __future__ import annotations
 
 import itertools
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
+
+from .config import read_toml
 
 DONE, CANCELLED, MANUAL, SPLIT = "@done", "@cancelled", "@manual", "@split"
 TERMINALS = (DONE, CANCELLED, MANUAL, SPLIT)
@@ -133,12 +134,7 @@ def _is_override(route: Route, stage: str, outcome: str, to: str) -> bool:
 
 def load(path: str | Path, known_stages: Iterable[str], kinds: Iterable[str]) -> RoutingTable:
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise RoutingError(f"{path}: no such routing file") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise RoutingError(f"{path}: not valid TOML: {exc}") from None
+    raw = read_toml(path, RoutingError, "routing file")
     try:
         table = parse(raw)
         validate(table, known_stages, kinds)

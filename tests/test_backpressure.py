@@ -7,7 +7,7 @@ import pytest
 from oms_pipeline.bqueue import BoundedQueue
 from oms_pipeline.outcome import NEXT
 from oms_pipeline.stage import StageSpec
-from tests.support.runtime import build, make_order
+from tests.support.runtime import build, make_order, running
 
 pytestmark = pytest.mark.anyio
 
@@ -74,8 +74,7 @@ async def test_slow_stage_holds_upstream_at_its_bound_and_stalls_intake():
             await p.submit(make_order(i))
             submitted += 1
 
-    async with anyio.create_task_group() as tg:
-        await tg.start(p.run)
+    async with running(p) as tg:
         tg.start_soon(producer)
         await anyio.sleep(0.2)
         # slow: 2 in flight + 5 queued; fast: its batch blocked putting + 5 queued.
@@ -88,5 +87,4 @@ async def test_slow_stage_holds_upstream_at_its_bound_and_stalls_intake():
         gate.set()
         with anyio.fail_after(5):
             await p.wait_until(lambda: p.total_finished() == 100)
-        tg.cancel_scope.cancel()
     assert submitted == 100

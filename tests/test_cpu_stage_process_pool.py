@@ -11,7 +11,7 @@ from oms_pipeline.clock import SystemClock
 from oms_pipeline.order import decode
 from oms_pipeline.stage import StageSpec
 from tests import cpu_handlers
-from tests.support.runtime import build, make_order
+from tests.support.runtime import build, make_order, running
 
 pytestmark = pytest.mark.anyio
 
@@ -24,13 +24,11 @@ async def test_cpu_stage_on_the_process_pool():
                                    "boom": {"mode": "process"}},
                         "stage_defaults": {"retry": {"max_attempts": 1}}})
     try:
-        async with anyio.create_task_group() as tg:
-            await tg.start(p.run)
+        async with running(p):
             for i in range(20):
                 await p.submit(make_order(i))
             with anyio.fail_after(60):
                 await p.wait_until(lambda: p.total_finished() == 20)
-            tg.cancel_scope.cancel()
     finally:
         p.stop()
     assert p.finished == {"@manual": 20}  # the second stage always fails

@@ -8,7 +8,7 @@ from oms_pipeline import outcome as oc
 from oms_pipeline.adapters.memory_store import MemoryStore
 from oms_pipeline.ports import store as st
 from oms_pipeline.stage import StageSpec
-from tests.support.runtime import build, make_order
+from tests.support.runtime import build, make_order, running
 
 pytestmark = pytest.mark.anyio
 
@@ -34,11 +34,9 @@ async def test_next_and_skip_walk_the_path_and_record_history():
 
     store = MemoryStore()
     p = build([spec("a"), spec("b", skipper), spec("c")], store=store)
-    async with anyio.create_task_group() as tg:
-        await tg.start(p.run)
+    async with running(p):
         await p.submit(make_order(1))
         await finish(p)
-        tg.cancel_scope.cancel()
     assert p.finished == {"@done": 1}
     history = [(h.stage, h.outcome) for h in await store.history("T00000000000000001")]
     assert history == [("intake", "created"), ("a", "next"), ("b", "skip"), ("c", "next")]
@@ -51,8 +49,7 @@ async def test_park_resumes_the_same_stage_when_the_virtual_clock_reaches_it():
 
     p = build([spec("a"), spec("wait", release_at_noon), spec("c")])
     clock = p.clock
-    async with anyio.create_task_group() as tg:
-        await tg.start(p.run)
+    async with running(p):
         order = make_order(1)
         order.created_at = clock.now()
         await p.submit(order)
@@ -64,7 +61,6 @@ async def test_park_resumes_the_same_stage_when_the_virtual_clock_reaches_it():
         assert p.total_finished() == 0
         clock.advance(1)
         await finish(p)
-        tg.cancel_scope.cancel()
     assert p.finished == {"@done": 1}
     moves = [(e.from_status, e.to_status) for e in await p.store.events(order.order_no)]
     assert moves == [("CREATED", "IN_FULFILMENT"), ("IN_FULFILMENT", "PARKED"), ("PARKED", "IN_FULFILMENT"),
@@ -81,15 +77,13 @@ async def test_exceptions_retry_with_backoff_then_go_to_manual():
     store = MemoryStore()
     p = build([spec("a", flaky)], store=store,
               settings={"stage_defaults": {"retry": {"max_attempts": 3, "base_delay": 2.0, "factor": 3.0}}})
-    async with anyio.create_task_group() as tg:
-        await tg.start(p.run)
+    async with running(p):
         await p.submit(make_order(1))
         for attempt, delay in ((1, 2.0), (2, 6.0)):
             with anyio.fail_after(5):
                 await p.wait_until(lambda: len(calls) == attempt and p.timers.pending == 1)
             p.clock.advance(delay)
         await finish(p)
-        tg.cancel_scope.cancel()
     assert [round(b - a, 6) for a, b in zip(calls, calls[1:])] == [2.0, 6.0]  # exponential backoff
     assert p.finished == {"@manual": 1}
     stored = await store.get("T00000000000000001")
@@ -104,11 +98,9 @@ async def test_permanent_error_goes_to_manual_at_once():
         raise oc.PermanentError("address has no province")
 
     p = build([spec("a", broken)])
-    async with anyio.create_task_group() as tg:
-        await tg.start(p.run)
+    async with running(p):
         await p.submit(make_order(1))
         await finish(p)
-        tg.cancel_scope.cancel()
     assert p.finished == {"@manual": 1}
     assert p.workers["a"].stats.processed["manual"] == 1
 
@@ -120,11 +112,9 @@ async def test_stage_timeout_is_a_retry():
 
     p = build([spec("a", slow)], settings={"stage_defaults": {"io": {"pool": 4, "timeout": 0.05},
                                                               "retry": {"max_attempts": 1}}})
-    async with anyio.create_task_group() as tg:
-        await tg.start(p.run)
+    async with running(p):
         await p.submit(make_order(1))
         await finish(p)
-        tg.cancel_scope.cancel()
     assert p.finished == {"@manual": 1}
     assert p.workers["a"].stats.processed["retry"] == 1
 
@@ -136,12 +126,10 @@ async def test_cancel_and_manual_outcomes_end_the_order_with_their_reason():
     ends = []
     p = build([spec("audit", decide), spec("after")])
     p.listeners.append(lambda end, reason, order: ends.append((order.order_no[-1], end, reason)))
-    async with anyio.create_task_group() as tg:
-        await tg.start(p.run)
+    async with running(p):
         await p.submit(make_order(1))
         await p.submit(make_order(2))
         await finish(p, 2)
-        tg.cancel_scope.cancel()
     assert sorted(ends) == [("1", "@cancelled", "cheat"), ("2", "@manual", "remark needs review")]
 
 
@@ -153,14 +141,12 @@ async def test_a_manual_order_is_replayed_from_the_exception_centre():
 
     store = MemoryStore()
     p = build([spec("a", needs_fix), spec("b")], store=store)
-    async with anyio.create_task_group() as tg:
-        await tg.start(p.run)
+    async with running(p):
         await p.submit(make_order(1))
         await finish(p)
         fixed["ok"] = True
         assert await p.release("T00000000000000001", "replayed by operator")
         await finish(p, 2)
-        tg.cancel_scope.cancel()
     assert p.finished == {"@manual": 1, "@done": 1}
     assert (await store.get("T00000000000000001")).state == st.DONE
     moves = [e.to_status for e in await store.events("T00000000000000001")]
@@ -178,14 +164,12 @@ async def test_split_children_flow_on_and_the_parent_ends_when_they_do():
 
     store = MemoryStore()
     p = build([spec("split", split_by_line, "io"), spec("ship")], store=store)
-    async with anyio.create_task_group() as tg:
-        await tg.start(p.run)
+    async with running(p):
         await p.submit(make_order(1))
         await finish(p, 3)
         with anyio.fail_after(5):
             while (await store.get("T00000000000000001")).state != st.DONE:
                 await anyio.sleep(0.01)
-        tg.cancel_scope.cancel()
     assert p.finished == {"@split": 1, "@done": 2}
     children = await store.children("T00000000000000001")
     assert [c.order_no for c in children] == ["T00000000000000001-1", "T00000000000000001-2"]
@@ -198,24 +182,20 @@ async def test_a_handler_that_returns_garbage_goes_to_manual():
         return "ok"
 
     p = build([spec("a", wrong)])
-    async with anyio.create_task_group() as tg:
-        await tg.start(p.run)
+    async with running(p):
         await p.submit(make_order(1))
         await finish(p)
-        tg.cancel_scope.cancel()
     assert p.finished == {"@manual": 1}
 
 
 async def test_duplicate_intake_gives_the_same_order_once():
     p = build([spec("a")])
-    async with anyio.create_task_group() as tg:
-        await tg.start(p.run)
+    async with running(p):
         first = await p.submit(make_order(1))
         again = make_order(1)
         again.order_no = "T99999999999999999"  # a retried request gets a new number drawn
         second = await p.submit(again)
         await finish(p)
-        tg.cancel_scope.cancel()
     assert first == ("T00000000000000001", True)
     assert second == ("T00000000000000001", False)
     assert p.finished == {"@done": 1}

@@ -1,7 +1,10 @@
 """Build a pipeline from test stages: a few lines per test instead of the full daemon."""
 from __future__ import annotations
 
-from typing import Any
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
+
+import anyio
 
 from oms_pipeline import config, routing
 from oms_pipeline.adapters.local_coordination import LocalCoordination
@@ -42,3 +45,12 @@ def deep_merge(base: dict, over: dict) -> dict:
     for key, value in over.items():
         out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
+
+
+@asynccontextmanager
+async def running(pipeline: Pipeline) -> AsyncIterator[anyio.abc.TaskGroup]:
+    """The pipeline's workers and timers run inside the block and stop at its end."""
+    async with anyio.create_task_group() as tg:
+        await tg.start(pipeline.run)
+        yield tg
+        tg.cancel_scope.cancel()
