@@ -15,6 +15,7 @@ import time
 
 import anyio
 
+from oms_pipeline.daemon import tune_gc
 from oms_pipeline import config, flags, routing
 from oms_pipeline.adapters.local_coordination import LocalCoordination
 from oms_pipeline.adapters.memory_store import MemoryStore
@@ -60,6 +61,7 @@ async def main(n: int) -> None:
 
 
 if __name__ == "__main__":
+    tune_gc()  # as the daemon does
     ap = argparse.ArgumentParser()
     ap.add_argument("--orders", type=int, default=20_000)
     anyio.run(main, ap.parse_args().orders, backend_options={"use_uvloop": True})

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import anyio
 
+from oms_pipeline.daemon import tune_gc
 from oms_pipeline import app as app_module
 from oms_pipeline import config
 from oms_pipeline.generator import generate
@@ -77,6 +78,7 @@ async def main(n: int, batch: int, db: str) -> None:
 
 
 if __name__ == "__main__":
+    tune_gc()  # as the daemon does
     ap = argparse.ArgumentParser()
     ap.add_argument("--orders", type=int, default=50_000)
     ap.add_argument("--batch", type=int, default=500)

@@ -14,6 +14,7 @@ import time
 
 import anyio
 
+from oms_pipeline.daemon import tune_gc
 from oms_pipeline import config, routing
 from oms_pipeline.adapters.local_coordination import LocalCoordination
 from oms_pipeline.adapters.memory_store import MemoryStore
@@ -75,6 +76,7 @@ async def main(n: int, batch: int) -> None:
 
 
 if __name__ == "__main__":
+    tune_gc()  # as the daemon does
     ap = argparse.ArgumentParser()
     ap.add_argument("--orders", type=int, default=200_000)
     ap.add_argument("--batch", type=int, default=512)

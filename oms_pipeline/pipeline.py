@@ -45,12 +45,12 @@ def move(order: Order, to: str, now: float, events: list[Event]) -> None:
     if order.status == to:
         return
     try:
-        event = states.transition(order, to, now)
+        from_status = states.apply(order, to, now)
     except states.IllegalTransition as exc:
         log.error("illegal transition refused: %s", exc, extra={"event": "illegal_transition",
                                                                  "order_no": order.order_no})
         return
-    events.append(Event(event.order_no, event.from_state, event.to_state, now))
+    events.append(Event(order.order_no, from_status, to, now))
 
 
 class Job:
@@ -100,6 +100,7 @@ class Pipeline:
                         for (name, spec), cfg in zip(self.specs.items(), stage_configs(settings, specs).values())}
         self.in_flight: set[str] = set()
         self._open_children: dict[str, int] = {}  # split parents -> children not yet ended
+        self._routes: dict[tuple[str, str], routing.Route] = {}
         self.finished: dict[str, int] = {}
         self.e2e = Histogram(E2E_BUCKETS)
         self.state_counts: dict[str, int] = {}
@@ -159,7 +160,11 @@ class Pipeline:
     # -- intake ---------------------------------------------------------------
 
     def route_of(self, order: Order) -> routing.Route:
-        return self.table.route_for(order.kind, self.flag_names(order.flags))
+        key = (order.kind, order.flags)
+        route = self._routes.get(key)
+        if route is None:  # a few dozen (kind, flag string) pairs occur in practice
+            route = self._routes[key] = self.table.route_for(order.kind, self.flag_names(order.flags))
+        return route
 
     async def submit(self, order: Order, *, wait_pay: bool = False) -> tuple[str, bool]:
         """Store a new order (idempotent on source + external id) and start it.

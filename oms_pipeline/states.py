@@ -145,15 +145,22 @@ def initial_state(order: Order) -> str:
     return WAIT_PAY if needs_prepayment(order) else IN_FULFILMENT
 
 
-def transition(order: Order, to_state: str, at: float) -> Event:
-    """Move `order` to `to_state` at time `at`; illegal moves change nothing."""
+def apply(order: Order, to_state: str, at: float) -> str:
+    """Move `order` to `to_state` at time `at` and return the state it left;
+    an illegal move raises IllegalTransition and changes nothing."""
     from_state = order.status
-    if to_state not in legal_targets(order, from_state):
+    table = TABLES.get("toc/cod" if order.kind == "toc" and order.payment_method == "cod" else order.kind)
+    if table is None or to_state not in table.get(from_state, ()):
         raise IllegalTransition(table_key(order), from_state, to_state, order.order_no)
     order.status = to_state
     order.timestamps[to_state] = at  # the latest arrival; events keep the full history
-    return Event(order_no=order.order_no, from_state=from_state, to_state=to_state,
-                 at=at, kind=order.kind)
+    return from_state
+
+
+def transition(order: Order, to_state: str, at: float) -> Event:
+    """`apply`, returning the transition as an Event."""
+    from_state = apply(order, to_state, at)
+    return Event(order_no=order.order_no, from_state=from_state, to_state=to_state, at=at, kind=order.kind)
 
 
 # Customer tabs (seed 002: 待付款、待发货、待收货、待评价、退款/售后); "closed"

@@ -1,18 +1,79 @@
-"""One contract for every coordination adapter (in-process now; Redis joins the fixture)."""
+"""One contract for every coordination adapter: in-process and Redis."""
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from uuid import uuid4
+
+import anyio
 import pytest
 
 from oms_pipeline.adapters.local_coordination import LocalCoordination
+from oms_pipeline.adapters.redis_coordination import RedisCoordination
 from oms_pipeline.clock import VirtualClock
+
+from .conftest import require_service
 
 pytestmark = pytest.mark.anyio
 
+REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+REDIS_SLACK = 0.02  # Redis expires a key just after (not at) its deadline, in whole ms
 
-@pytest.fixture(params=["local"])
-def coord(request):
+
+@asynccontextmanager
+async def redis_coordination(**options) -> AsyncIterator[RedisCoordination]:
+    """An open adapter on a prefix of its own, whose keys are deleted afterwards."""
+    require_service("Redis", REDIS_HOST, REDIS_PORT)
+    prefix = f"oms-test:{uuid4().hex}:"
+    async with RedisCoordination(f"redis://{REDIS_HOST}:{REDIS_PORT}/0", prefix=prefix, **options) as c:
+        try:
+            yield c
+        finally:
+            await delete_keys(c)
+
+
+async def delete_keys(c: RedisCoordination) -> None:
+    """Delete every key under the adapter's prefix (SCAN, never KEYS: other users share Redis)."""
+    keys = [key async for key in c.client.scan_iter(match=c.prefix + "*", count=500)]
+    if keys:
+        await c.client.delete(*keys)
+
+
+@pytest.fixture(params=["local", pytest.param("redis", marks=pytest.mark.redis)])
+async def coord(request):
     clock = VirtualClock()
-    return LocalCoordination(clock), clock
+    if request.param == "local":
+        yield LocalCoordination(clock), clock
+        return
+    async with redis_coordination() as c:
+        yield c, clock  # the clock is unused: Redis TTLs run on the server's real time
+
+
+class Expiry:
+    """A TTL and a way to let time pass that both adapters feel.
+
+    The local adapter reads the VirtualClock, so a long TTL passes instantly;
+    Redis expires keys in real time, so it gets a short TTL and real sleeps.
+    """
+
+    def __init__(self, ttl: float, tick: float, advance: Callable[[float], Awaitable[None]]) -> None:
+        self.ttl, self.tick, self._advance = ttl, tick, advance
+
+    async def __call__(self, seconds: float) -> None:
+        await self._advance(seconds)
+
+
+@pytest.fixture
+def expire(coord) -> Expiry:
+    c, clock = coord
+    if isinstance(c, LocalCoordination):
+        async def advance(seconds: float) -> None:
+            clock.advance(seconds)
+        return Expiry(60, 1, advance)
+
+    async def sleep(seconds: float) -> None:
+        await anyio.sleep(seconds + REDIS_SLACK)
+    return Expiry(0.3, 0.1, sleep)
 
 
 async def test_capacity_holds_at_its_limit(coord):
@@ -42,11 +103,11 @@ async def test_release_gives_the_slot_back(coord):
     assert await c.count("k") == 1
 
 
-async def test_counters_expire_after_their_ttl(coord):
-    c, clock = coord
-    assert await c.take_capacity("k", "O1", 1, 60)
-    clock.advance(59)
-    assert not await c.take_capacity("k", "O2", 1, 60)
-    clock.advance(1)
+async def test_counters_expire_after_their_ttl(coord, expire):
+    c, _ = coord
+    assert await c.take_capacity("k", "O1", 1, expire.ttl)
+    await expire(expire.ttl - expire.tick)  # just before the end: still full
+    assert not await c.take_capacity("k", "O2", 1, expire.ttl)
+    await expire(expire.tick)  # the window's end
     assert await c.count("k") == 0
-    assert await c.take_capacity("k", "O2", 1, 60)
+    assert await c.take_capacity("k", "O2", 1, expire.ttl)
