@@ -1,0 +1,307 @@
+"""The effect log: every effect a simulated system applied, with its idempotency key.
+
+A repeated key returns the first result and only counts a duplicate. In
+memory by default; durable in a SQLite file so the crash tests can check,
+after a SIGKILL, that each (order, stage) effect was applied exactly once.
+"""
+from __future__ import annotations
+
+import asyncio
+import queue
+import sqlite3
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import anyio
+import msgspec
+
+T = TypeVar("T")
+
+
+class Effect(msgspec.Struct, frozen=True):
+    key: str
+    system: str
+    op: str
+    payload: dict[str, Any]  # a small summary, enough to rebuild the system's state
+    result: Any
+    at: float
+
+
+@dataclass(slots=True)
+class _Restored:
+    """A result read back from the file, typed on first use by the caller's result type."""
+
+    value: Any
+
+
+_MISSING = object()
+
+_SCHEMA = (
+    # One idempotency key may reach several systems/operations (a reservation
+    # key is reserved, then confirmed or released), so the key alone is not unique.
+    "CREATE TABLE IF NOT EXISTS effects (key TEXT NOT NULL, system TEXT NOT NULL, op TEXT NOT NULL,"
+    " result TEXT NOT NULL, at REAL NOT NULL, payload TEXT NOT NULL, PRIMARY KEY (key, system, op))",
+    "CREATE TABLE IF NOT EXISTS duplicates (system TEXT PRIMARY KEY, count INTEGER NOT NULL)",
+)
+
+
+class EffectLog:
+    """Every applied effect, at most once per (key, system, op).
+
+    `EffectLog()` keeps it in memory; `EffectLog(path)` also writes it to a
+    SQLite file (call `open()` first, `close()` at the end) and returns from an
+    effect only once its row is committed.
+    """
+
+    def __init__(self, path: str | None = None, *, max_batch: int = 5000, retain: bool = True) -> None:
+        if path and not retain:
+            raise ValueError("a durable effect log retains its effects (it rebuilds state from them)")
+        self.path = path
+        self.retain = retain  # False: only keys and results stay in memory, payloads do not
+        self.counts: dict[str, int] = {}  # effects applied, per system
+        self.duplicates: dict[str, int] = {}  # per system
+        self._results: dict[tuple[str, str, str], Any] = {}
+        self._effects: list[Effect] = []
+        self._writer = _Writer(path, max_batch) if path else None
+        self._pending: dict[tuple[str, str, str], asyncio.Future] = {}
+        self._failed: BaseException | None = None
+
+    @property
+    def durable(self) -> bool:
+        return self._writer is not None
+
+    @property
+    def is_open(self) -> bool:
+        return self._writer is None or self._writer.running
+
+    @property
+    def commits(self) -> int:
+        """Transactions committed (durable log): calls per commit shows the grouping."""
+        return self._writer.commits if self._writer else 0
+
+    async def open(self) -> None:
+        """Start the writer and load what an earlier run stored (a no-op in memory)."""
+        if self._writer is None or self._writer.running:
+            return
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        rows, duplicates = await anyio.to_thread.run_sync(self._writer.start)
+        for key, system, op, result, at, payload in rows:
+            value = msgspec.json.decode(result)
+            self._results[(key, system, op)] = _Restored(value)
+            self._keep(Effect(key, system, op, msgspec.json.decode(payload), value, at))
+        self.duplicates.update(duplicates)
+
+    async def close(self) -> None:
+        if self._writer is not None and self._writer.running:
+            await anyio.to_thread.run_sync(self._writer.stop)
+
+    async def __aenter__(self) -> "EffectLog":
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.close()
+
+    async def apply(self, system: str, op: str, key: str, payload: dict[str, Any],
+                    effect: Callable[[], T], *, at: float, result_type: Any = Any) -> T:
+        """Run `effect()` unless (key, system, op) was applied; either way return its result.
+
+        `effect` runs synchronously, so checking the key and applying it cannot
+        interleave with another call. An exception from it records nothing.
+        """
+        if self._failed is not None:
+            raise RuntimeError(f"effect log {self.path}: an earlier commit failed: {self._failed}")
+        if not self.is_open:
+            raise RuntimeError(f"effect log {self.path} is not open: await open() first")
+        ident = (key, system, op)
+        found = self._results.get(ident, _MISSING)
+        if found is not _MISSING:
+            return await self._duplicate(ident, found, result_type)
+        result = effect()
+        self._results[ident] = result
+        row = Effect(key, system, op, payload, result, at)
+        self._keep(row)
+        if self._writer is not None:
+            await self._persist(ident, row)
+        return result
+
+    async def _duplicate(self, ident: tuple[str, str, str], found: Any, result_type: Any) -> Any:
+        system = ident[1]
+        self.duplicates[system] = self.duplicates.get(system, 0) + 1
+        if self._writer is not None:
+            self._writer.count_duplicate(system)
+            pending = self._pending.get(ident)
+            if pending is not None:  # the first call's row is not committed yet: neither is this answer
+                await asyncio.shield(pending)
+        if isinstance(found, _Restored):
+            found = found.value if result_type is Any else msgspec.convert(found.value, result_type)
+            self._results[ident] = found
+        return found
+
+    async def _persist(self, ident: tuple[str, str, str], row: Effect) -> None:
+        future = self._writer.submit(row)
+        self._pending[ident] = future
+        future.add_done_callback(lambda f: self._settled(ident, f))
+        # Shielded: a cancelled caller must not cancel the commit other callers share.
+        await asyncio.shield(future)
+
+    def _settled(self, ident: tuple[str, str, str], future: asyncio.Future) -> None:
+        self._pending.pop(ident, None)
+        if not future.cancelled() and future.exception() is not None:
+            # The effect is applied in memory but not stored: nothing after it can be trusted.
+            self._failed = future.exception()
+
+    def _keep(self, effect: Effect) -> None:
+        self.counts[effect.system] = self.counts.get(effect.system, 0) + 1
+        if self.retain:
+            self._effects.append(effect)
+
+    def applied(self, system: str | None = None) -> list[Effect]:
+        if not self.retain:
+            raise RuntimeError("this effect log does not retain effects (retain_effects = false)")
+        return [e for e in self._effects if system is None or e.system == system]
+
+    def count(self, system: str | None = None) -> int:
+        if system is None:
+            return sum(self.counts.values())
+        return self.counts.get(system, 0)
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")  # in WAL mode a commit survives a process kill
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+class _Writer:
+    """The durable log's SQLite thread: one transaction for whatever queued during the last commit.
+
+    Callers wait for the commit of their batch, so an effect is on disk before
+    its call returns, yet a thousand concurrent calls cost a handful of commits.
+    """
+
+    def __init__(self, path: str, max_batch: int) -> None:
+        self.path = path
+        self.max_batch = max_batch
+        self.commits = 0
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    def start(self) -> tuple[list[tuple], dict[str, int]]:
+        conn = _connect(self.path)
+        for statement in _SCHEMA:
+            conn.execute(statement)
+        rows = conn.execute("SELECT key, system, op, result, at, payload FROM effects ORDER BY rowid").fetchall()
+        duplicates = dict(conn.execute("SELECT system, count FROM duplicates").fetchall())
+        self._thread = threading.Thread(target=self._loop, args=(conn,), name="effect-log-write", daemon=True)
+        self._thread.start()
+        return rows, duplicates
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self._thread = None
+
+    def submit(self, effect: Effect) -> asyncio.Future:
+        future = asyncio.get_running_loop().create_future()
+        row = (effect.key, effect.system, effect.op, msgspec.json.encode(effect.result).decode(),
+               effect.at, msgspec.json.encode(effect.payload).decode())
+        self._queue.put((row, future))
+        return future
+
+    def count_duplicate(self, system: str) -> None:
+        self._queue.put((system, None))  # nobody waits: a counter, committed with the next batch
+
+    def _loop(self, conn: sqlite3.Connection) -> None:
+        try:
+            while True:
+                batch = [self._queue.get()]
+                if batch[0] is None:
+                    return
+                stop = False
+                while len(batch) < self.max_batch:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is None:
+                        stop = True
+                        break
+                    batch.append(item)
+                self._commit(conn, batch)
+                if stop:
+                    return
+        finally:
+            conn.close()
+
+    def _commit(self, conn: sqlite3.Connection, batch: list[tuple]) -> None:
+        rows = [item for item, future in batch if future is not None]
+        duplicates = Counter(item for item, future in batch if future is None)
+        error: BaseException | None = None
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany("INSERT OR IGNORE INTO effects (key, system, op, result, at, payload) "
+                             "VALUES (?, ?, ?, ?, ?, ?)", rows)
+            conn.executemany("INSERT INTO duplicates VALUES (?, ?) ON CONFLICT (system) "
+                             "DO UPDATE SET count = count + excluded.count", list(duplicates.items()))
+            conn.execute("COMMIT")
+            self.commits += 1
+        except BaseException as exc:  # noqa: BLE001 - handed to every waiting caller
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            error = exc
+        _resolve([future for _, future in batch if future is not None], error)
+
+
+def _resolve(futures: list[asyncio.Future], error: BaseException | None) -> None:
+    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
+    for future in futures:
+        by_loop.setdefault(future.get_loop(), []).append(future)
+    for loop, group in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_settle, group, error)
+        except RuntimeError:
+            pass  # that loop is closed: nobody is waiting any more
+
+
+def _settle(futures: list[asyncio.Future], error: BaseException | None) -> None:
+    for future in futures:
+        if future.done():
+            continue
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
+
+
+def read_effects(path: str) -> list[tuple[str, str, str, Any, float]]:
+    """(key, system, op, result, at) of every stored effect, in commit order.
+
+    Usable from any process, also after the writer was killed: WAL recovery
+    makes every committed transaction visible.
+    """
+    conn = _connect(path)
+    try:
+        rows = conn.execute("SELECT key, system, op, result, at FROM effects ORDER BY rowid").fetchall()
+    finally:
+        conn.close()
+    return [(key, system, op, msgspec.json.decode(result), at) for key, system, op, result, at in rows]
+
+
+def read_duplicates(path: str) -> dict[str, int]:
+    """Duplicate calls per system stored in a durable log file."""
+    conn = _connect(path)
+    try:
+        return dict(conn.execute("SELECT system, count FROM duplicates").fetchall())
+    finally:
+        conn.close()
+
