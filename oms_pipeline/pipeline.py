@@ -75,11 +75,16 @@ def stage_configs(settings: Settings, specs: Mapping[str, StageSpec]) -> dict[st
     for name, spec in specs.items():
         own = settings.stages.get(name)
         kind = getattr(settings.stage_defaults, spec.kind)
-        pick = lambda key: getattr(own, key, None) if own and getattr(own, key) is not None else getattr(kind, key)  # noqa: E731
+        pool, queue, timeout, batch, mode = (_own_or(own, kind, key) for key in ("pool", "queue", "timeout", "batch", "mode"))
         retry_policy = own.retry if own and own.retry else settings.stage_defaults.retry
-        out[name] = StageConfig(pick("pool"), pick("queue"), pick("timeout"), pick("batch"), pick("mode"),
-                                retry_policy, {**spec.defaults, **(own.settings if own else {})})
+        out[name] = StageConfig(pool, queue, timeout, batch, mode, retry_policy,
+                                {**spec.defaults, **(own.settings if own else {})})
     return out
+
+
+def _own_or(own: Any, kind: Any, key: str) -> Any:
+    value = getattr(own, key) if own is not None else None
+    return getattr(kind, key) if value is None else value
 
 
 class Pipeline:
