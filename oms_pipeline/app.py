@@ -18,6 +18,10 @@ from .order import KINDS
 from .pipeline import Pipeline, stage_configs
 
 
+class StartupError(Exception):
+    """The daemon cannot start as configured (e.g. the database is not migrated)."""
+
+
 @dataclass
 class App:
     settings: Settings
@@ -47,11 +51,15 @@ def check(settings: Settings) -> routing.RoutingTable:
         SimSettings.from_mapping(settings.downstream)
     except (ValueError, SimSettingsError) as exc:
         raise ConfigError(f"{settings.source}: {exc}") from None
-    _store_for(settings.store.url, settings)  # the URL's scheme is one we have
-    for name, url in (("broker", settings.broker.url), ("coordination", settings.coordination.url)):
-        if url != "memory://":
-            raise ConfigError(f"{settings.source}: key {name}.url: {url!r} is not supported by this build "
-                              "(the embedded default is memory://)")
+    _store_for(settings.store.url, settings)  # the URLs' schemes are ones we have
+    from .api import is_loopback
+    if not is_loopback(settings.http.host) and not settings.http.token:
+        raise ConfigError(f"{settings.source}: key http.token: required when http.host "
+                          f"({settings.http.host!r}) is not a loopback address (set it or OMS__HTTP__TOKEN)")
+    _coordination_for(settings.coordination.url, settings, SystemClock())
+    if settings.broker.url != "memory://":
+        raise ConfigError(f"{settings.source}: key broker.url: {settings.broker.url!r} is not supported by this "
+                          "build (the embedded default is memory://)")
     return load_routing(settings, specs)
 
 
@@ -61,8 +69,29 @@ def _store_for(url: str, settings: Settings) -> Any:
     if url.startswith("sqlite:///"):
         return SqliteStore(url.removeprefix("sqlite:///"), max_batch=settings.store.checkpoint_max_batch,
                            synchronous=settings.store.synchronous)
+    if url.startswith(("postgresql://", "postgres://")):
+        from .adapters.postgres_store import PostgresStore
+        return PostgresStore(url, max_batch=settings.store.checkpoint_max_batch)
     raise ConfigError(f"{settings.source}: key store.url: {url!r} is not a store this build has "
-                      "(sqlite:///PATH or memory://)")
+                      "(sqlite:///PATH, postgresql://..., or memory://)")
+
+
+async def _open_store(store: Any) -> None:
+    from .adapters.postgres_store import MigrationNeeded
+    try:
+        await store.open()
+    except MigrationNeeded as exc:
+        raise StartupError(str(exc)) from None
+
+
+def _coordination_for(url: str, settings: Settings, clock: Clock) -> Any:
+    if url == "memory://":
+        return LocalCoordination(clock)
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from .adapters.redis_coordination import RedisCoordination
+        return RedisCoordination(url, prefix=settings.coordination.prefix)
+    raise ConfigError(f"{settings.source}: key coordination.url: {url!r} is not supported "
+                      "(redis://... or memory://)")
 
 
 async def build(settings: Settings, *, clock: Clock | None = None) -> App:
@@ -72,14 +101,18 @@ async def build(settings: Settings, *, clock: Clock | None = None) -> App:
     stack = AsyncExitStack()
     try:
         store = _store_for(settings.store.url, settings)
-        await store.open()
+        await _open_store(store)
         stack.push_async_callback(store.close)
         sim = SimSettings.from_mapping(settings.downstream)
         effects = EffectLog(sim.effect_log or None, retain=sim.retain_effects)
         await effects.open()
         stack.push_async_callback(effects.close)
         ports = build_simulated_ports(sim, clock, effects)
-        pipeline = Pipeline(settings, load_specs(), table, store, MemoryTimers(clock), LocalCoordination(clock),
+        coordination = _coordination_for(settings.coordination.url, settings, clock)
+        if hasattr(coordination, "open"):
+            await coordination.open()
+        stack.push_async_callback(coordination.close)
+        pipeline = Pipeline(settings, load_specs(), table, store, MemoryTimers(clock), coordination,
                             ports, clock, flag_names=flags.names)
         stack.callback(pipeline.stop)
         return App(settings, pipeline, Intake(pipeline, settings), effects, stack)

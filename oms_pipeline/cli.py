@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAIL
     except KeyboardInterrupt:
         return EXIT_FAIL
+    except BrokenPipeError:  # `oms routes | head`: the reader has all it wanted
+        sys.stderr.close()
+        return EXIT_OK
 
 
 def parser() -> argparse.ArgumentParser:
@@ -84,6 +87,10 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("check-config", help="validate a config file and its routing table")
     s.add_argument("file")
     s.set_defaults(run=cmd_check_config)
+
+    s = sub.add_parser("migrate", help="apply the store's database migrations (the config's store.url)")
+    s.add_argument("--config", help="config file (default: config/oms.toml)")
+    s.set_defaults(run=cmd_migrate)
     return p
 
 
@@ -262,6 +269,55 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     print(f"{args.file}: ok ({len(settings.stages)} stage sections, store {settings.store.url})")
     return EXIT_OK
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Schema changes are an operator's step: the daemon never migrates a shared database itself."""
+    from . import config
+    try:
+        settings = config.load(args.config)
+    except config.ConfigError as exc:
+        print(f"oms: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    url = settings.store.url
+    if url.startswith("memory://"):
+        print("nothing to migrate")
+        return EXIT_OK
+    if not url.startswith(("postgresql://", "postgres://", "sqlite:///")):
+        print(f"oms: {settings.source}: key store.url: {url!r} is not a store this build has", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        applied = _migrate(url, settings.store.synchronous)
+    except _database_errors() as exc:  # the URL may hold a password: name the error, not the URL
+        print(f"oms: migrate failed: {type(exc).__name__}: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_FAIL
+    print("\n".join(f"applied {name}" for name in applied) or "up to date")
+    return EXIT_OK
+
+
+def _migrate(url: str, synchronous: str) -> list[str]:
+    if url.startswith("sqlite:///"):
+        from pathlib import Path
+
+        from .adapters import sqlite_store
+        path = url.removeprefix("sqlite:///")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite_store.connect(path, synchronous)
+        try:
+            return sqlite_store.migrate(conn)
+        finally:
+            conn.close()
+    import asyncio
+
+    from .adapters import postgres_store
+    return asyncio.run(postgres_store.migrate(url))
+
+
+def _database_errors() -> tuple[type[BaseException], ...]:
+    import sqlite3
+
+    import asyncpg
+    return OSError, sqlite3.Error, asyncpg.PostgresError, asyncpg.InterfaceError
 
 
 if __name__ == "__main__":

@@ -84,6 +84,7 @@ class BrokerSettings(_Frozen):
 
 class CoordinationSettings(_Frozen):
     url: str = "memory://"
+    prefix: str = "oms:"  # namespace of every Redis key
 
 
 class HttpSettings(_Frozen):

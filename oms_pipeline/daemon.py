@@ -12,6 +12,7 @@ import asyncio
 import gc
 import logging
 import signal
+import sys
 from typing import Any
 
 import anyio
@@ -70,13 +71,20 @@ async def serve(config_path: str | None) -> int:
         settings = config.load(config_path)
         app_module.check(settings)
     except ConfigError as exc:
-        print(f"oms: config error: {exc}", flush=True, file=__import__("sys").stderr)
+        print(f"oms: config error: {exc}", flush=True, file=sys.stderr)
         return EXIT_CONFIG
     logs.setup(settings.daemon.log_level)
     tune_gc()
     log.info("starting", extra={"event": "start", "config": settings.source,
                                 "loop": type(asyncio.get_running_loop()).__module__})
-    app = await app_module.build(settings)
+    try:
+        app = await app_module.build(settings)
+    except app_module.StartupError as exc:  # e.g. an unmigrated database: restarting will not help
+        print(f"oms: {exc}", flush=True, file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as exc:
+        log.error("cannot start: a dependency is not reachable: %s", exc, extra={"event": "start_failed"})
+        return EXIT_ABORTED
     try:
         return await _run(app, config_path)
     finally:

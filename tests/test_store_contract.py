@@ -1,25 +1,39 @@
-"""One contract for every store adapter: the embedded SQLite file and the in-memory store.
+"""One contract for every store adapter: the embedded SQLite file, the in-memory store and PostgreSQL.
 
 The production adapters join the `store` fixture's parameters and must pass unchanged.
 """
 from __future__ import annotations
 
+from contextlib import asynccontextmanager
+
 import pytest
 
+from oms_pipeline.adapters import postgres_store
 from oms_pipeline.adapters.memory_store import MemoryStore
 from oms_pipeline.adapters.sqlite_store import SqliteStore
 from oms_pipeline.ports import store as st
 from oms_pipeline.ports.store import Checkpoint, NewOrder
 
+from tests.support.postgres import fresh_postgres_database
+
 pytestmark = pytest.mark.anyio
 
+@asynccontextmanager
+async def opened(param: str, tmp_path):
+    if param == "postgres":
+        async with fresh_postgres_database() as url:
+            await postgres_store.migrate(url)
+            yield postgres_store.PostgresStore(url)
+        return
+    yield MemoryStore() if param == "memory" else SqliteStore(str(tmp_path / "oms.sqlite3"))
 
-@pytest.fixture(params=["memory", "sqlite"])
+
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
 async def store(request, tmp_path):
-    s = MemoryStore() if request.param == "memory" else SqliteStore(str(tmp_path / "oms.sqlite3"))
-    await s.open()
-    yield s
-    await s.close()
+    async with opened(request.param, tmp_path) as s:
+        await s.open()
+        yield s
+        await s.close()
 
 
 def new(no: str, ext: str | None = None, state: str = st.QUEUED, parent: str | None = None) -> NewOrder:

@@ -22,15 +22,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_config(tmp: Path, extra: str = "", *, metrics: bool = False) -> tuple[Path, int]:
-    """A config file in `tmp` using the shipped routing table; returns (path, http port)."""
+def write_config(tmp: Path, extra: str = "", *, metrics: bool = False, store_url: str = "") -> tuple[Path, int]:
+    """A config file in `tmp` using the shipped routing table; returns (path, http port).
+    The store is a SQLite file in `tmp` unless `store_url` says otherwise."""
     port = free_port()
+    store_url = store_url or f"sqlite:///{tmp / 'oms.sqlite3'}"
     text = f"""
 [daemon]
 shutdown_grace = 5.0
 log_level = "info"
 [store]
-url = "sqlite:///{tmp / 'oms.sqlite3'}"
+url = "{store_url}"
 [http]
 port = {port}
 [metrics]

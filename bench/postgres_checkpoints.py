@@ -1,0 +1,91 @@
+"""Checkpoints/s through PostgresStore: concurrent callers each checkpointing batches.
+
+    .venv/bin/python bench/postgres_checkpoints.py --callers 16 --batch 256 --rounds 40 --writers 2 [--think-ms 20]
+
+Like the pipeline's stages: each caller owns `batch` orders and, round after
+round, checkpoints all of them in one call (one stage boundary for a batch of
+orders, ~1.3 KB documents) and waits for it to be durable before the next.
+Runs on a fresh database on the server given (created, migrated, dropped).
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import secrets
+import time
+
+import anyio
+import asyncpg
+import orjson
+
+from oms_pipeline.adapters.postgres_store import PostgresStore, migrate
+from oms_pipeline.ports.store import QUEUED, Checkpoint, NewOrder
+
+
+def document(order_no: str) -> bytes:
+    lines = [{"sku": f"SKU-{i:05d}", "qty": 1 + i % 3, "price": 1999 + i, "warehouse": "WH-EAST-01"}
+             for i in range(18)]
+    doc = {"order_no": order_no, "member_id": "M" + order_no[-4:], "kind": "toc", "lines": lines,
+           "address": {"city": "Hangzhou", "street": "1 Example Road", "zip": "310000"}}
+    return orjson.dumps(doc)
+
+
+def new_order(order_no: str) -> NewOrder:
+    return NewOrder(order_no, "bench", order_no, "toc", QUEUED, "s0", "IN_FULFILMENT", time.time(),
+                    document(order_no))
+
+
+def checkpoint(order: NewOrder, round_no: int) -> Checkpoint:
+    return Checkpoint(order.order_no, f"s{round_no}", "next", "", time.time(), QUEUED, f"s{round_no + 1}",
+                      "IN_FULFILMENT", 0, None, order.doc)
+
+
+async def caller(store: PostgresStore, orders: list[NewOrder], rounds: int, think: float) -> None:
+    for round_no in range(rounds):
+        if think:  # stage work of varying length: callers drift apart instead of moving in lockstep
+            await anyio.sleep(random.uniform(0, think))
+        await store.checkpoint([checkpoint(o, round_no) for o in orders])
+
+
+async def run(url: str, args: argparse.Namespace) -> None:
+    await migrate(url)
+    store = PostgresStore(url, writers=args.writers, pool_size=max(args.writers + 1, 4))
+    await store.open()
+    groups = [[new_order(f"1{c:03d}{i:06d}") for i in range(args.batch)] for c in range(args.callers)]
+    for group in groups:
+        await store.create(group)
+    commits = store.commits
+    started = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for group in groups:
+            tg.start_soon(caller, store, group, args.rounds, args.think_ms / 1000)
+    elapsed = time.perf_counter() - started
+    commits = store.commits - commits
+    await store.close()
+    total = args.callers * args.batch * args.rounds
+    print(f"callers={args.callers} batch={args.batch} rounds={args.rounds} writers={args.writers} think_ms={args.think_ms} "
+          f"doc={len(groups[0][0].doc)}B checkpoints={total} elapsed={elapsed:.2f}s "
+          f"rate={total / elapsed:,.0f} checkpoints/s commits={commits} "
+          f"records/commit={total / max(1, commits):,.0f}")
+
+
+async def main(args: argparse.Namespace) -> None:
+    name = f"oms_bench_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(f"{args.server}/postgres")
+    await admin.execute(f"CREATE DATABASE {name}")
+    try:
+        await run(f"{args.server}/{name}", args)
+    finally:
+        await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+        await admin.close()
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--server", default="postgresql://postgres@127.0.0.1:5432")
+    ap.add_argument("--callers", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=40)
+    ap.add_argument("--writers", type=int, default=2)
+    ap.add_argument("--think-ms", type=float, default=0.0, help="random pause of up to this before each call")
+    anyio.run(main, ap.parse_args(), backend_options={"use_uvloop": True})

@@ -1,0 +1,130 @@
+-- Named queries of the PostgreSQL store (oms_pipeline/adapters/postgres_store.py).
+-- Writes are set-based: one statement per kind of row for a whole group
+-- commit, the rows passed as parallel arrays and expanded with unnest.
+
+-- name: migration_lock
+-- Held until the end of the migration's transaction: two instances starting
+-- at once apply each migration once, one after the other.
+SELECT pg_advisory_xact_lock(hashtext('oms-pipeline schema_migrations'));
+
+-- name: ensure_migrations_table
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version    integer PRIMARY KEY,
+    name       text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- name: migration_applied
+SELECT EXISTS (SELECT 1 FROM schema_migrations WHERE version = $1);
+
+-- name: record_migration
+INSERT INTO schema_migrations (version, name) VALUES ($1, $2);
+
+-- name: schema_state
+SELECT current_database(), to_regclass('schema_migrations') IS NOT NULL;
+
+-- name: applied_migrations
+SELECT version FROM schema_migrations ORDER BY version;
+
+-- name: create_orders
+-- Intake is idempotent on (source, external_id): a known pair inserts nothing
+-- and is absent from RETURNING.
+INSERT INTO orders (order_no, source, external_id, kind, state, stage, status, attempts, wake_at,
+                    parent_no, doc, created_at, updated_at, member_id)
+SELECT n.order_no, n.source, n.external_id, n.kind, n.state, n.stage, n.status, 0, NULL,
+       n.parent_no, n.doc, n.at, n.at, n.member_id
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+            $8::text[], $9::bytea[], $10::float8[], $11::text[])
+     AS n(order_no, source, external_id, kind, state, stage, status, parent_no, doc, at, member_id)
+ON CONFLICT (source, external_id) DO NOTHING
+RETURNING order_no;
+
+-- name: create_children
+-- A replayed split stores no second set of children (either key may repeat).
+INSERT INTO orders (order_no, source, external_id, kind, state, stage, status, attempts, wake_at,
+                    parent_no, doc, created_at, updated_at, member_id)
+SELECT n.order_no, n.source, n.external_id, n.kind, n.state, n.stage, n.status, 0, NULL,
+       n.parent_no, n.doc, n.at, n.at, n.member_id
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+            $8::text[], $9::bytea[], $10::float8[], $11::text[])
+     AS n(order_no, source, external_id, kind, state, stage, status, parent_no, doc, at, member_id)
+ON CONFLICT DO NOTHING
+RETURNING order_no;
+
+-- name: orders_by_external
+SELECT k.source, k.external_id, o.order_no
+FROM unnest($1::text[], $2::text[]) AS k(source, external_id)
+JOIN orders o ON o.source = k.source AND o.external_id = k.external_id;
+
+-- name: checkpoint_orders
+-- One row per order (the caller keeps the last record of the batch), sorted
+-- by order number so concurrent writers lock rows in the same order.
+UPDATE orders AS o
+SET state = c.state, stage = c.stage, status = c.status, attempts = c.attempts,
+    wake_at = c.wake_at, doc = c.doc, updated_at = c.at
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::float8[],
+            $7::bytea[], $8::float8[])
+     AS c(order_no, state, stage, status, attempts, wake_at, doc, at)
+WHERE o.order_no = c.order_no;
+
+-- name: add_history
+-- ORDER BY the array position: the identity column then keeps an order's
+-- entries in the order they were made.
+INSERT INTO stage_history (order_no, stage, outcome, reason, at)
+SELECT h.order_no, h.stage, h.outcome, h.reason, h.at
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::float8[])
+     WITH ORDINALITY AS h(order_no, stage, outcome, reason, at, position)
+ORDER BY h.position;
+
+-- name: add_events
+INSERT INTO order_events (order_no, from_status, to_status, at)
+SELECT e.order_no, e.from_status, e.to_status, e.at
+FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[])
+     WITH ORDINALITY AS e(order_no, from_status, to_status, at, position)
+ORDER BY e.position;
+
+-- name: next_block
+-- $2 is the block size + 1; returns the number after the block.
+INSERT INTO sequences (name, next) VALUES ($1, $2)
+ON CONFLICT (name) DO UPDATE SET next = sequences.next + excluded.next - 1
+RETURNING next;
+
+-- name: get_order
+SELECT order_no, kind, state, stage, status, attempts, wake_at, doc, parent_no, updated_at
+FROM orders WHERE order_no = $1;
+
+-- name: active_orders
+SELECT order_no, kind, state, stage, status, attempts, wake_at, doc, parent_no, updated_at
+FROM orders WHERE state IN ('queued', 'parked', 'wait_pay') ORDER BY created_at, order_no;
+
+-- name: orders_in_state
+SELECT order_no, kind, state, stage, status, attempts, wake_at, doc, parent_no, updated_at
+FROM orders WHERE state = $1 AND order_no > $2 ORDER BY order_no LIMIT $3;
+
+-- name: children
+SELECT order_no, kind, state, stage, status, attempts, wake_at, doc, parent_no, updated_at
+FROM orders WHERE parent_no = $1 ORDER BY order_no;
+
+-- name: order_history
+SELECT order_no, stage, outcome, reason, at FROM stage_history WHERE order_no = $1 ORDER BY id;
+
+-- name: counts
+SELECT state, count(*) FROM orders GROUP BY state;
+
+-- name: order_events
+SELECT order_no, from_status, to_status, at FROM order_events WHERE order_no = $1 ORDER BY id;
+
+-- name: custom_plans
+-- For search_orders: a generic plan cannot know which of its optional
+-- filters are set, so it could not pick the member or status index.
+SET LOCAL plan_cache_mode = force_custom_plan;
+
+-- name: search_orders
+-- Filters left empty ('' / no statuses) match everything; paging is by order number.
+SELECT order_no, kind, state, stage, status, attempts, wake_at, doc, parent_no, updated_at
+FROM orders
+WHERE ($1::text = '' OR member_id = $1::text)
+  AND (cardinality($2::text[]) = 0 OR status = ANY ($2::text[]))
+  AND ($3::text = '' OR state = $3::text)
+  AND order_no > $4
+ORDER BY order_no LIMIT $5;

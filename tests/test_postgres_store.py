@@ -1,0 +1,120 @@
+"""What only the PostgreSQL store has: migrations run by an operator, group commit
+over a pool, retries of stale statements. The shared behaviour is in test_store_contract.py."""
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from oms_pipeline import sqlfiles
+from oms_pipeline.adapters.postgres_store import MigrationNeeded, PostgresStore, migrate
+from oms_pipeline.ports import store as st
+
+from tests.support.postgres import fresh_postgres_database
+
+from .test_store_contract import cp, new
+
+pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
+
+ROOT = Path(__file__).resolve().parent.parent
+ALL = [f"{v:03d}_{n}" for v, n, _ in sqlfiles.migrations("postgres")]
+
+
+@pytest.fixture
+async def url():
+    async with fresh_postgres_database() as url:
+        yield url
+
+
+@pytest.fixture
+async def store(url):
+    await migrate(url)
+    s = PostgresStore(url)
+    await s.open()
+    yield s
+    await s.close()
+
+
+async def test_open_on_an_unmigrated_database_says_to_run_oms_migrate(url):
+    with pytest.raises(MigrationNeeded, match=r"is not migrated \(missing 001_orders, .*\): run `oms migrate`"):
+        await PostgresStore(url).open()
+
+
+async def test_migrate_applies_every_migration_once(url):
+    assert await migrate(url) == ALL
+    assert await migrate(url) == []
+
+
+async def test_two_instances_migrating_at_once_apply_each_migration_once(url):
+    first, second = await asyncio.gather(migrate(url), migrate(url))
+    assert sorted(first + second) == ALL
+
+
+async def test_concurrent_checkpoints_share_few_commits(store):
+    await store.create([new(f"N{i:04d}") for i in range(1000)])
+    before = store.commits
+    await asyncio.gather(*(store.checkpoint([cp(f"N{i:04d}", "a", st.PARKED, "b", wake_at=float(i))])
+                           for i in range(1000)))
+    assert store.commits - before < 50  # group commit: far fewer transactions than calls
+    assert (await store.counts()) == {st.PARKED: 1000}
+    assert (await store.get("N0999")).wake_at == 999.0
+
+
+async def test_an_order_checkpointed_twice_in_one_batch_ends_at_the_last_record(store):
+    await store.create([new("N1")])
+    await asyncio.gather(store.checkpoint([cp("N1", "a", st.QUEUED, "b"), cp("N1", "b", st.QUEUED, "c")]),
+                         store.checkpoint([cp("N1", "c", st.PARKED, "d", wake_at=5.0)]))
+    got = await store.get("N1")
+    assert (got.state, got.stage, got.wake_at) == (st.PARKED, "d", 5.0)
+    assert [h.stage for h in await store.history("N1")] == ["intake", "a", "b", "c"]
+
+
+async def test_events_are_written_with_their_checkpoint_in_order(store):
+    created = new("N1")._replace(events=(st.Event("N1", "", "CREATED", 100.0),))
+    await store.create([created])
+    await store.checkpoint([cp("N1", "a", st.QUEUED, "b", events=(st.Event("N1", "CREATED", "PAID", 101.0),
+                                                                  st.Event("N1", "PAID", "SHIPPED", 102.0)))])
+    assert [e.to_status for e in await store.events("N1")] == ["CREATED", "PAID", "SHIPPED"]
+
+
+async def test_a_schema_change_while_open_is_retried_not_failed(store, url):
+    await store.create([new("N1")])  # prepares the statement whose result type changes next
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("ALTER TABLE orders ALTER COLUMN order_no TYPE varchar(64)")
+    finally:
+        await conn.close()
+    assert await store.create([new("N2")]) == [("N2", True)]
+
+
+async def test_oms_migrate_applies_then_reports_up_to_date(url, tmp_path):
+    config = tmp_path / "oms.toml"
+    config.write_text(f'[store]\nurl = "{url}"\n')
+    first = _oms("migrate", "--config", str(config))
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.split() == [word for name in ALL for word in ("applied", name)]
+    again = _oms("migrate", "--config", str(config))
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == "up to date"
+    daemon_store = PostgresStore(url)
+    await daemon_store.open()  # the daemon now finds its schema
+    await daemon_store.close()
+
+
+def test_oms_migrate_on_an_unreachable_database_fails_with_one_line(tmp_path):
+    config = tmp_path / "oms.toml"
+    config.write_text('[store]\nurl = "postgresql://postgres@127.0.0.1:1/nothing"\n')
+    done = _oms("migrate", "--config", str(config))
+    assert done.returncode == 1
+    assert done.stderr.startswith("oms: ") and len(done.stderr.strip().splitlines()) == 1
+
+
+def _oms(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OMS__")}
+    return subprocess.run([sys.executable, "-m", "oms_pipeline.cli", *args], check=False, capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=60)
