@@ -198,7 +198,14 @@ class Pipeline:
         self.intake_count += len(started)
         if state == st.QUEUED:
             await self._start_many(started)
+        else:
+            for job in started:
+                await self._arm_pay_deadline(job.order)
         return results
+
+    async def _arm_pay_deadline(self, order: Order) -> None:
+        if order.pay_deadline is not None:
+            await self.timers.schedule("pay_deadline", order.order_no, order.pay_deadline)
 
     async def release(self, order_no: str, reason: str, change: Callable[[Order], None] | None = None) -> bool:
         """Start an order that was waiting: paid (WAIT_PAY -> PAID -> IN_FULFILMENT) or
@@ -215,10 +222,27 @@ class Pipeline:
             move(order, states.PAID, now, events)
         move(order, IN_FULFILMENT, now, events)
         job = Job(order, self.route_of(order), stored.stage, 0, now)
-        await self._checkpoint([self._record(job, stored.stage, "release", reason, st.QUEUED, stored.stage, None,
-                                             now, events=events)])
+        record = self._record(job, stored.stage, "release", reason, st.QUEUED, stored.stage, None, now, events=events)
+        if not await self.store.checkpoint_if(record, stored.state):
+            return False  # something else moved it meanwhile (its payment deadline, another replay)
         await self._start(job)
         return True
+
+    async def _expire_payment(self, order_no: str) -> None:
+        """The pay deadline passed: cancel the order if, and only if, it is still unpaid."""
+        stored = await self.store.get(order_no)
+        if stored is None or stored.state != st.WAIT_PAY:
+            return  # paid (or cancelled) meanwhile: the timer is stale
+        order = order_codec.decode(stored.doc)
+        now = self.clock.now()
+        if order.pay_deadline is not None and order.pay_deadline > now:
+            await self.timers.schedule("pay_deadline", order_no, order.pay_deadline)  # an early timer
+            return
+        job = Job(order, self.route_of(order), stored.stage, 0, now)
+        record = self._record(job, "payment", "pay_timeout", "not paid by the deadline", st.CANCELLED,
+                              routing.CANCELLED, None, now)
+        if await self.store.checkpoint_if(record, st.WAIT_PAY):  # compare-and-set: a payment may have won
+            self._end(job, routing.CANCELLED, "payment timeout")
 
     async def _start(self, job: Job) -> None:
         await self._start_many([job])
@@ -355,7 +379,8 @@ class Pipeline:
             if outcome == "park":  # a retry backoff is no business state
                 move(order, states.PARKED, now, events)
         elif state == st.CANCELLED:
-            move(order, states.CANCEL_REQUESTED, now, events)
+            if order.status != states.WAIT_PAY:  # work was under way: it is asked to stop first
+                move(order, states.CANCEL_REQUESTED, now, events)
             move(order, states.CANCELLED, now, events)
         else:
             move(order, STATUS_OF_STATE[state], now, events)
@@ -381,6 +406,7 @@ class Pipeline:
                 self._tg.start_soon(self._settle_parent, order.parent_no)
         for listener in self.listeners:
             listener(end, reason, order)
+        self._changed.set()
 
     async def _settle_parent(self, parent_no: str) -> None:
         """A parent ends once every child has: done if any child was dispatched."""
@@ -404,6 +430,8 @@ class Pipeline:
         for item in due:
             if item.purpose == "resume":
                 await self._resume(item.order_no)
+            elif item.purpose == "pay_deadline":
+                await self._expire_payment(item.order_no)
 
     async def _resume(self, order_no: str) -> None:
         stored = await self.store.get(order_no)
@@ -430,6 +458,8 @@ class Pipeline:
             elif stored.state == st.PARKED:
                 await self.timers.schedule("resume", stored.order_no, stored.wake_at or self.clock.now())
                 resumed += 1
+            elif stored.state == st.WAIT_PAY:
+                await self._arm_pay_deadline(order_codec.decode(stored.doc))
         # A crash between a child's last checkpoint and its parent's settling
         # leaves the parent waiting: settle every waiting parent once at start.
         after = ""

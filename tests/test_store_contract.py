@@ -125,3 +125,14 @@ async def test_search_filters_by_member_status_and_state_with_a_cursor(store):
     assert [o.order_no for o in await store.search(member="M1", statuses=("DISPATCHED",))] == ["N1"]
     assert [o.order_no for o in await store.search(state=st.QUEUED, limit=2)] == ["N0", "N2"]
     assert [o.order_no for o in await store.search(state=st.QUEUED, limit=2, after="N2")] == ["N3", "N4"]
+
+
+async def test_checkpoint_if_applies_only_in_the_expected_state(store):
+    await store.create([new("N1", state=st.WAIT_PAY)])
+    paid = cp("N1", "payment", st.QUEUED, "a", outcome="release", status="PAID")
+    timeout = cp("N1", "payment", st.CANCELLED, "@cancelled", outcome="pay_timeout", status="CANCELLED")
+    assert await store.checkpoint_if(paid, st.WAIT_PAY)
+    assert not await store.checkpoint_if(timeout, st.WAIT_PAY)  # the payment won: the timeout changes nothing
+    got = await store.get("N1")
+    assert (got.state, got.status) == (st.QUEUED, "PAID")
+    assert [h.outcome for h in await store.history("N1")] == ["created", "release"]

@@ -69,6 +69,13 @@ class MemoryStore:
         if self.keep_history:
             self._history.setdefault(entry.order_no, []).append(entry)
 
+    async def checkpoint_if(self, record: Checkpoint, expect_state: str) -> bool:
+        current = self._orders.get(record.order_no)
+        if current is None or current.state != expect_state:
+            return False
+        await self.checkpoint([record])
+        return True
+
     def _emit(self, events: tuple[Event, ...]) -> None:
         if self.keep_history:
             for event in events:

@@ -138,6 +138,10 @@ class PostgresStore:
     async def next_block(self, name: str, size: int) -> int:
         return await self._write("next_block", (name, size))
 
+    async def checkpoint_if(self, record: Checkpoint, expect_state: str) -> bool:
+        # Rare (payments, timeouts, replays): its own small transaction, outside the group commit.
+        return await self._transaction(lambda conn: _checkpoint_if(conn, record, expect_state))
+
     async def _write(self, op: str, arg: Any) -> Any:
         if self._pool is None:
             raise RuntimeError("the store is not open")
@@ -334,6 +338,16 @@ async def _insert_orders(conn: asyncpg.Connection, query: str, orders: list[NewO
 async def _insert(conn: asyncpg.Connection, query: str, values: list[tuple]) -> None:
     if values:
         await conn.execute(Q[query], *_columns(values))
+
+
+async def _checkpoint_if(conn: asyncpg.Connection, r: Checkpoint, expect_state: str) -> bool:
+    updated = await conn.fetchval(Q["checkpoint_if"], r.order_no, r.state, r.stage, r.status, r.attempts,
+                                  r.wake_at, r.doc, r.at, expect_state)
+    if updated is None:
+        return False
+    await _insert(conn, "add_history", [(r.order_no, r.from_stage, r.outcome, r.reason, r.at)])
+    await _insert(conn, "add_events", list(r.events))
+    return True
 
 
 async def _next_block(conn: asyncpg.Connection, name: str, size: int) -> int:

@@ -107,6 +107,9 @@ class SqliteStore:
     async def next_block(self, name: str, size: int) -> int:
         return await self._write(_next_block, (name, size))
 
+    async def checkpoint_if(self, record: Checkpoint, expect_state: str) -> bool:
+        return await self._write(_checkpoint_if, (record, expect_state))
+
     async def _write(self, op: Callable, arg: Any) -> Any:
         if self._conn is None:
             raise RuntimeError("the store is not open")
@@ -209,6 +212,17 @@ def _checkpoint(conn: sqlite3.Connection, records: list[Checkpoint]) -> None:
         for child in r.children:
             if _insert_row(conn, child):
                 conn.execute(Q["history"], (child.order_no, r.from_stage, "created", f"child of {r.order_no}", r.at))
+
+
+def _checkpoint_if(conn: sqlite3.Connection, arg: tuple[Checkpoint, str]) -> bool:
+    r, expect_state = arg
+    cur = conn.execute(Q["checkpoint_if"], (r.state, r.stage, r.status, r.attempts, r.wake_at, r.doc, r.at,
+                                            r.order_no, expect_state))
+    if cur.rowcount != 1:
+        return False
+    conn.execute(Q["history"], (r.order_no, r.from_stage, r.outcome, r.reason, r.at))
+    conn.executemany(Q["add_event"], r.events)
+    return True
 
 
 def _next_block(conn: sqlite3.Connection, arg: tuple[str, int]) -> int:

@@ -96,6 +96,11 @@ class Store(Protocol):
     async def checkpoint(self, records: list[Checkpoint]) -> None:
         """Durably record stage boundaries, all in one transaction with any child orders."""
 
+    async def checkpoint_if(self, record: Checkpoint, expect_state: str) -> bool:
+        """Record one stage boundary only if the order is still in `expect_state`
+        (compare-and-set: a payment racing its own timeout, a replay racing a
+        cancel). True if it applied; False changes nothing."""
+
     async def get(self, order_no: str) -> StoredOrder | None: ...
 
     async def active(self) -> list[StoredOrder]:

@@ -31,11 +31,12 @@ def table(stages: list[str], kinds=("tob",), **extra: Any) -> routing.RoutingTab
 
 
 def build(specs: list[StageSpec], *, store=None, clock=None, settings: dict | None = None,
-          routes: routing.RoutingTable | None = None, flag_names=lambda flags: flags.split(",") if flags else ()):
+          routes: routing.RoutingTable | None = None, flag_names=lambda flags: flags.split(",") if flags else (),
+          kinds: tuple[str, ...] = ("tob",)):
     clock = clock or VirtualClock()
     by_name = {s.name: s for s in specs}
     merged = deep_merge({"stage_defaults": {"retry": {"jitter": 0.0}}}, settings or {})
-    return Pipeline(config.from_mapping(merged), by_name, routes or table(list(by_name)),
+    return Pipeline(config.from_mapping(merged), by_name, routes or table(list(by_name), kinds),
                     store or MemoryStore(), MemoryTimers(clock), LocalCoordination(clock), None, clock,
                     flag_names=flag_names, seed=1)
 

@@ -67,6 +67,11 @@ FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::float
      AS c(order_no, state, stage, status, attempts, wake_at, doc, at)
 WHERE o.order_no = c.order_no;
 
+-- name: checkpoint_if
+UPDATE orders SET state = $2, stage = $3, status = $4, attempts = $5, wake_at = $6, doc = $7, updated_at = $8
+WHERE order_no = $1 AND state = $9
+RETURNING order_no;
+
 -- name: add_history
 -- ORDER BY the array position: the identity column then keeps an order's
 -- entries in the order they were made.

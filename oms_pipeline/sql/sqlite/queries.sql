@@ -11,6 +11,10 @@ SELECT order_no FROM orders WHERE source = ? AND external_id = ?;
 UPDATE orders SET state = ?, stage = ?, status = ?, attempts = ?, wake_at = ?, doc = ?, updated_at = ?
 WHERE order_no = ?;
 
+-- name: checkpoint_if
+UPDATE orders SET state = ?, stage = ?, status = ?, attempts = ?, wake_at = ?, doc = ?, updated_at = ?
+WHERE order_no = ? AND state = ?;
+
 -- name: history
 INSERT INTO stage_history (order_no, stage, outcome, reason, at) VALUES (?, ?, ?, ?, ?);
 
