@@ -6,24 +6,43 @@ never changes an order and never takes the daemon down.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
 import logging
 import secrets
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import orjson
 from aiohttp import web
 from pydantic import ValidationError
 
-from . import logs, schemas
-from .order import decode
+from . import logs, schemas, states
+from .order import KINDS, decode
 from .pipeline import ShuttingDown
 from .ports import store as st
 
 log = logging.getLogger("oms.api")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_PAGE = 500
+RUNTIME_STATES = (st.QUEUED, st.PARKED, st.WAIT_PAY, st.DONE, st.CANCELLED, st.MANUAL, st.SPLIT)
+LIST_PARAMS = ("member", "status", "tab", "state", "limit", "cursor")
+# Every route: (method, path, Api method). The OpenAPI document (openapi.py) covers exactly these.
+ROUTES = (
+    ("POST", "/orders", "create_order"),
+    ("GET", "/orders", "list_orders"),
+    ("GET", "/orders/{no}", "get_order"),
+    ("POST", "/payments", "payment"),
+    ("GET", "/exceptions", "exceptions"),
+    ("POST", "/exceptions/{no}/replay", "replay"),
+    ("GET", "/stats", "stats"),
+    ("GET", "/routes", "routes_text"),
+    ("GET", "/healthz", "healthz"),
+    ("GET", "/readyz", "readyz"),
+    ("GET", "/openapi.json", "openapi"),
+)
+OPEN_PATHS = ("/healthz", "/readyz")  # no token needed: probes
 
 
 def json_response(body: Any, status: int = 200) -> web.Response:
@@ -60,8 +79,8 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
 async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
-    except web.HTTPRequestEntityTooLarge as exc:
-        return problem(413, f"body larger than {exc.max_size} bytes")
+    except web.HTTPRequestEntityTooLarge:  # (the exception does not keep the limit: the request does)
+        return problem(413, f"body larger than {request.client_max_size} bytes")
     except web.HTTPException as exc:
         return problem(exc.status, exc.reason)
     except ShuttingDown as exc:
@@ -74,7 +93,7 @@ async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse
 def auth(token: str) -> Callable:
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in ("/healthz", "/readyz"):
+        if request.path in OPEN_PATHS:
             return await handler(request)
         given = request.headers.get("Authorization", "")
         if not secrets.compare_digest(given.encode(), f"Bearer {token}".encode()):
@@ -109,20 +128,11 @@ class Api:
         self.app = app
         self.pipeline = app.pipeline
         self.ready = False
+        self._busy: dict[str, list] = {}  # order number -> [lock, waiting requests] (_one_at_a_time)
+        self._openapi: bytes | None = None
 
     def routes(self) -> list[web.RouteDef]:
-        return [
-            web.post("/orders", self.create_order),
-            web.get("/orders", self.list_orders),
-            web.get("/orders/{no}", self.get_order),
-            web.post("/payments", self.payment),
-            web.get("/exceptions", self.exceptions),
-            web.post("/exceptions/{no}/replay", self.replay),
-            web.get("/stats", self.stats),
-            web.get("/routes", self.routes_text),
-            web.get("/healthz", self.healthz),
-            web.get("/readyz", self.readyz),
-        ]
+        return [web.route(method, path, getattr(self, name)) for method, path, name in ROUTES]
 
     def web_app(self) -> web.Application:
         settings = self.app.settings.http
@@ -157,21 +167,94 @@ class Api:
                 "status": stored.status, "attempts": stored.attempts, "wake_at": stored.wake_at,
                 "order": orjson.loads(stored.doc)}
         view["pay_deadline"] = view["order"].get("pay_deadline")
+        view["payable"] = view["order"]["amounts"]["payable"]
         if history:
             view["history"] = [h._asdict() for h in await self.pipeline.store.history(order_no)]
             view["events"] = [e._asdict() for e in await self.pipeline.store.events(order_no)]
         return view
 
     async def list_orders(self, request: web.Request) -> web.Response:
-        state = request.query.get("state", st.QUEUED)
-        limit = _limit(request)
-        rows = await self.pipeline.store.in_state(state, limit, request.query.get("cursor", ""))
-        items = [{"order_no": r.order_no, "state": r.state, "stage": r.stage, "status": r.status,
-                  "updated_at": r.updated_at} for r in rows]
-        return json_response({"items": items, "next_cursor": rows[-1].order_no if len(rows) == limit else None})
+        """Orders matching every filter given (none: all orders), by order number; `cursor` is the
+        last order number of the previous page and `next_cursor` is null on the last page."""
+        query = request.query
+        errors = [{"path": key, "reason": f"unknown query parameter; known: {', '.join(LIST_PARAMS)}"}
+                  for key in query if key not in LIST_PARAMS]
+        state = query.get("state", "")
+        if state and state not in RUNTIME_STATES:
+            errors.append({"path": "state", "reason": f"unknown state {state!r}; known: {', '.join(RUNTIME_STATES)}"})
+        statuses: tuple[str, ...] = ()
+        if query.get("status"):
+            statuses = tuple(query["status"].split(","))
+            bad = [s for s in statuses if s not in states.STATES]
+            if bad:
+                errors.append({"path": "status", "reason": f"unknown status {bad[0]!r}; known: "
+                                                           f"{', '.join(states.STATES)}"})
+        tab = query.get("tab", "")
+        if tab and tab not in states.TABS:
+            errors.append({"path": "tab", "reason": f"unknown tab {tab!r}; known: {', '.join(states.TABS)}"})
+        elif tab:
+            in_tab = states.statuses_for_tab(tab)
+            statuses = tuple(s for s in statuses if s in in_tab) if statuses else in_tab
+        try:
+            limit = _limit(request)
+        except BadInput as exc:
+            errors += exc.errors
+        if errors:
+            raise BadInput(errors)
+        if tab and not statuses:  # only statuses that never show in this tab: nothing matches
+            return json_response({"items": [], "next_cursor": None})
+        items = await self._search(query.get("member", ""), statuses, tab, state, limit, query.get("cursor", ""))
+        more = len(items) > limit
+        return json_response({"items": items[:limit], "next_cursor": items[limit - 1]["order_no"] if more else None})
+
+    async def _search(self, member: str, statuses: tuple[str, ...], tab: str, state: str, limit: int,
+                      after: str) -> list[dict[str, Any]]:
+        """Up to limit + 1 items (one more tells whether there is a next page). A tab is a set of
+        statuses narrowed by the order itself (`states.tab`), so rows may be skipped here."""
+        items: list[dict[str, Any]] = []
+        chunk = limit + 1 if not tab else max(limit + 1, 200)
+        while True:
+            rows = await self.pipeline.store.search(member=member, statuses=statuses, state=state,
+                                                    limit=chunk, after=after)
+            for r in rows:
+                order = decode(r.doc)
+                order_tab = states.tab(order)
+                if tab and order_tab != tab:
+                    continue
+                items.append({"order_no": r.order_no, "status": r.status, "state": r.state, "stage": r.stage,
+                              "member_id": order.member_id, "tab": order_tab, "updated_at": r.updated_at})
+                if len(items) > limit:
+                    return items
+            if len(rows) < chunk:
+                return items
+            after = rows[-1].order_no
 
     async def payment(self, request: web.Request) -> web.Response:
-        pay = validate(schemas.PaymentIn, await body_json(request))
+        return await self.pay(validate(schemas.PaymentIn, await body_json(request)))
+
+    async def pay(self, pay: schemas.PaymentIn) -> web.Response:
+        # One notification per order at a time: a second copy of a payment arriving while the
+        # first is being booked must find it booked (a duplicate), not book it again.
+        async with self._one_at_a_time(pay.order_no):
+            return await self._pay(pay)
+
+    @contextlib.asynccontextmanager
+    async def _one_at_a_time(self, order_no: str) -> AsyncIterator[None]:
+        """Requests that release an order (payment, replay) run one after another per order:
+        `Pipeline.release` reads, then checkpoints, and two at once would both release it."""
+        entry = self._busy.get(order_no)
+        if entry is None:
+            entry = self._busy[order_no] = [asyncio.Lock(), 0]
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._busy[order_no]
+
+    async def _pay(self, pay: schemas.PaymentIn) -> web.Response:
         stored = await self.pipeline.store.get(pay.order_no)
         if stored is None:
             return problem(404, f"no order {pay.order_no}")
@@ -205,7 +288,9 @@ class Api:
 
     async def replay(self, request: web.Request) -> web.Response:
         no = request.match_info["no"]
-        if await self.pipeline.release(no, "replayed from the exception centre"):
+        async with self._one_at_a_time(no):
+            replayed = await self.pipeline.release(no, "replayed from the exception centre")
+        if replayed:
             return json_response({"order_no": no, "replayed": True})
         return problem(409, f"order {no} is not in the exception centre")
 
@@ -218,7 +303,16 @@ class Api:
                               "intake": p.intake_count, "stages": stages})
 
     async def routes_text(self, request: web.Request) -> web.Response:
-        return web.Response(text=self.pipeline.table.describe(request.query.get("kind")) + "\n")
+        kind = request.query.get("kind")
+        if kind is not None and kind not in KINDS:
+            raise BadInput([{"path": "kind", "reason": f"unknown order kind {kind!r}; known: {', '.join(KINDS)}"}])
+        return web.Response(text=self.pipeline.table.describe(kind) + "\n")
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        if self._openapi is None:
+            from . import openapi
+            self._openapi = orjson.dumps(openapi.document())
+        return web.Response(body=self._openapi, content_type="application/json")
 
     async def healthz(self, request: web.Request) -> web.Response:
         return json_response({"status": "ok"})
@@ -238,7 +332,7 @@ async def bad_input(request: web.Request, handler: Handler) -> web.StreamRespons
 
 
 def _limit(request: web.Request) -> int:
-    try:
-        return max(1, min(MAX_PAGE, int(request.query.get("limit", "100"))))
-    except ValueError:
-        raise BadInput([{"path": "limit", "reason": "must be a whole number"}]) from None
+    raw = request.query.get("limit", "100")
+    if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= MAX_PAGE):
+        raise BadInput([{"path": "limit", "reason": f"must be a whole number from 1 to {MAX_PAGE}"}])
+    return int(raw)

@@ -63,8 +63,11 @@ def parser() -> argparse.ArgumentParser:
     show.set_defaults(run=cmd_order_show)
 
     s = sub.add_parser("orders", help="orders").add_subparsers(required=True, metavar="ACTION")
-    lst = s.add_parser("list", help="list orders in a runtime state")
-    lst.add_argument("--state", default="queued")
+    lst = s.add_parser("list", help="list orders by runtime state, member, status or customer tab")
+    lst.add_argument("--state", help="runtime state (default: queued, unless another filter is given)")
+    lst.add_argument("--member", help="only this member's orders")
+    lst.add_argument("--status", help="business status(es), comma-separated (WAIT_PAY, PAID, ...)")
+    lst.add_argument("--tab", help="customer tab: to_pay, to_ship, to_receive, to_review, after_sales, closed")
     lst.add_argument("--limit", type=int, default=50)
     lst.add_argument("--json", action="store_true")
     lst.set_defaults(run=cmd_orders_list)
@@ -222,7 +225,12 @@ def cmd_order_show(args: argparse.Namespace) -> int:
 
 
 def cmd_orders_list(args: argparse.Namespace) -> int:
-    body = ok(*request(args, "GET", f"/orders?state={args.state}&limit={args.limit}"))
+    from urllib.parse import urlencode
+    filters = {"member": args.member, "status": args.status, "tab": args.tab}
+    state = args.state if args.state is not None else ("" if any(filters.values()) else "queued")
+    params = {"state": state, **filters, "limit": args.limit}
+    query = urlencode({k: v for k, v in params.items() if v not in (None, "")})
+    body = ok(*request(args, "GET", f"/orders?{query}"))
     text = "\n".join(f"{o['order_no']}  {o['status']:<14} {o['stage']}" for o in body["items"]) or "(none)"
     return emit(body, args.json, text)
 

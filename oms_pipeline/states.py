@@ -191,3 +191,20 @@ def tab(order: Order) -> str:
         # A cancelled order the customer paid for shows where its refund is.
         return "after_sales" if order.amounts.paid > 0 else "closed"
     return _TAB_BY_STATE[status]
+
+
+# Tabs whose choice depends on more than the status (payment, review, refund): see `tab`.
+_TABS_BY_DETAIL = {
+    CREATED: ("to_pay", "to_ship"), WAIT_PAY: ("to_pay", "to_ship"),
+    DELIVERED: ("to_review", "closed"), COMPLETED: ("to_review", "closed"),
+    CANCELLED: ("after_sales", "closed"),
+}
+TABS = ("to_pay", "to_ship", "to_receive", "to_review", "after_sales", "closed")
+
+
+def statuses_for_tab(name: str) -> tuple[str, ...]:
+    """Every status an order in tab `name` can have (`tab` decides the ambiguous ones from
+    the order itself); in STATES order. An unknown tab raises KeyError."""
+    if name not in TABS:
+        raise KeyError(f"no tab {name!r}; known: {', '.join(TABS)}")
+    return tuple(s for s in STATES if name in _TABS_BY_DETAIL.get(s, (_TAB_BY_STATE.get(s),)))
