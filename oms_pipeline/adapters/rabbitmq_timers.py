@@ -1,0 +1,414 @@
+"""Timers on RabbitMQ delay queues: one queue per delay tier, no plugin needed.
+
+Topology, declared once by `open()` (a mismatch is a fatal configuration error)::
+
+    schedule ─► <prefix>.delay (direct) ─► <prefix>.delay.<tier>s   x-message-ttl = tier
+                                                 │ expired: dead-lettered
+    schedule (due) ─► <prefix>.due (direct) ◄────┘
+                           └─► <prefix>.timers.due ─► run()
+
+Every message in a tier queue has the same TTL, so the head always expires
+first: no head-of-line blocking (PITFALL 17), unlike per-message TTL.
+
+Ladder: a timer goes to the largest tier <= its remaining time, so it reaches
+the due queue at or before `at`. `run()` re-parks a timer that arrives early
+the same way, so a 2 h 10 min park walks 3600 s, 3600 s, 600 s. Nothing in the
+process holds a parked timer: memory stays flat whatever is scheduled.
+
+Precision, with s = the smallest tier and r = at - now:
+  * r >= s: parked in tiers until r < s (a tier never overshoots `at`);
+  * s/2 <= r < s: the smallest tier, so it fires up to s - r <= s/2 late;
+  * r < s/2 (or due): straight to the due queue; `run()` keeps it unacked in
+    memory (at most `prefetch` of them) until `at`.
+So a timer fires in [at, at + s/2], plus broker and consumer latency
+(milliseconds unless the consumer is behind). Never before `at`.
+
+Delivery is at least once; the pipeline tolerates a timer seen twice (the store
+decides whether a wake-up still applies). Duplicates come from a redelivery
+after a reconnect (acks for the old channel are dropped, PITFALL 14), from a
+crash between re-parking and acking, or after `on_due` raised (nack + requeue).
+Loss: dead-lettering from a tier queue to the due queue is not confirmed by
+the broker, so a broker crash can lose a timer in that hop. The store is the
+source of truth for wake times: the pipeline re-arms parked orders from it at
+start, and its sweeper re-fires timers the broker lost.
+"""
+from __future__ import annotations
+
+import bisect
+import heapq
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Awaitable, Callable
+
+import aio_pika
+import anyio
+import orjson
+from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, ChannelPreconditionFailed, PublishError
+
+from ..clock import Clock
+from ..ports.timers import Due
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIERS = (1, 5, 30, 120, 600, 3600, 21600)
+DUE_KEY = "due"
+_DEAD_CHANNEL = (AMQPError, ChannelInvalidStateError, ConnectionError)
+
+
+class TimersConfigError(RuntimeError):
+    """The broker already holds this topology with other arguments."""
+
+
+@dataclass(frozen=True)
+class Topology:
+    prefix: str
+    tiers: tuple[float, ...]  # ascending seconds
+
+    @property
+    def delay_exchange(self) -> str:
+        return f"{self.prefix}.delay"
+
+    @property
+    def due_exchange(self) -> str:
+        return f"{self.prefix}.due"
+
+    @property
+    def due_queue(self) -> str:
+        return f"{self.prefix}.timers.due"
+
+    @staticmethod
+    def tier_key(tier: float) -> str:
+        return f"{tier:g}s"
+
+    def tier_queue(self, tier: float) -> str:
+        return f"{self.delay_exchange}.{self.tier_key(tier)}"
+
+    @property
+    def queues(self) -> tuple[str, ...]:
+        return (*(self.tier_queue(t) for t in self.tiers), self.due_queue)
+
+    @property
+    def exchanges(self) -> tuple[str, ...]:
+        return (self.delay_exchange, self.due_exchange)
+
+
+class RabbitTimers:
+    def __init__(self, url: str, clock: Clock, *, prefix: str = "oms",
+                 tiers: tuple[float, ...] = DEFAULT_TIERS, prefetch: int = 500,
+                 pending_refresh: float = 5.0, publish_retry_for: float = 30.0) -> None:
+        if not tiers or min(tiers) <= 0:
+            raise ValueError("tiers must be positive seconds")
+        self.topology = Topology(prefix, tuple(sorted(tiers)))
+        self._url = url
+        self._clock = clock
+        self._prefetch = prefetch
+        self._pending_refresh = pending_refresh
+        self._publish_retry_for = publish_retry_for
+        self._connection: aio_pika.abc.AbstractRobustConnection | None = None
+        self._publisher: aio_pika.abc.AbstractChannel | None = None
+        self._stats: aio_pika.abc.AbstractChannel | None = None
+        self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
+        self._held = _Held()
+        self._queued = 0
+        self._refreshed = float("-inf")
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def open(self) -> None:
+        self._connection = await aio_pika.connect_robust(self._url)
+        try:
+            await self._declare()
+            # Confirms + on_return_raises: an unroutable timer is an error, not a log line (PITFALL 16).
+            self._publisher = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+            for name in self.topology.exchanges:
+                self._exchanges[name] = await self._publisher.get_exchange(name, ensure=False)
+            self._stats = await self._connection.channel()
+            await self.refresh_pending()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            connection, self._connection = self._connection, None
+            await connection.close()
+
+    async def _declare(self) -> None:
+        """Declare on a throw-away channel: a robust channel would replay the declares on every
+        reconnect, and a drifted argument would then loop on 406 (PITFALL 12)."""
+        topo = self.topology
+        channel = await self._connection.channel()
+        try:
+            delay = await channel.declare_exchange(topo.delay_exchange, "direct", durable=True, robust=False)
+            due_exchange = await channel.declare_exchange(topo.due_exchange, "direct", durable=True, robust=False)
+            due = await channel.declare_queue(topo.due_queue, durable=True, robust=False)
+            await due.bind(due_exchange, DUE_KEY, robust=False)
+            for tier in topo.tiers:
+                queue = await channel.declare_queue(topo.tier_queue(tier), durable=True, robust=False, arguments={
+                    "x-message-ttl": round(tier * 1000),
+                    "x-dead-letter-exchange": topo.due_exchange,
+                    "x-dead-letter-routing-key": DUE_KEY})
+                await queue.bind(delay, topo.tier_key(tier), robust=False)
+        except ChannelPreconditionFailed as exc:
+            raise TimersConfigError(
+                f"RabbitMQ timers topology {topo.prefix!r} conflicts with queues/exchanges already on the "
+                f"broker ({exc}). Refusing to start: delete them or use another prefix.") from exc
+        finally:
+            await _quietly(channel.close())
+
+    # -- scheduling -----------------------------------------------------------
+
+    async def schedule(self, purpose: str, order_no: str, at: float) -> None:
+        await self._park(orjson.dumps({"purpose": purpose, "order_no": order_no, "at": at}), at)
+
+    async def _park(self, body: bytes, at: float) -> None:
+        """Publish with a confirm, retrying while connect_robust restores the channel (a lost
+        confirm can then leave a duplicate, which the pipeline tolerates). Unroutable raises
+        PublishError at once: the topology is wrong and retrying will not help."""
+        give_up = time.monotonic() + self._publish_retry_for
+        while True:
+            exchange, key = self._route(at - self._clock.now())
+            message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                                       content_type="application/json")
+            try:
+                await self._exchanges[exchange].publish(message, key, mandatory=True)
+                return
+            except PublishError:
+                raise
+            except _DEAD_CHANNEL:
+                if time.monotonic() >= give_up:
+                    raise
+                await anyio.sleep(0.5)
+
+    def _route(self, remaining: float) -> tuple[str, str]:
+        """(exchange, routing key) for a timer `remaining` seconds away; see the module docstring."""
+        topo = self.topology
+        smallest = topo.tiers[0]
+        if remaining < smallest / 2:
+            return topo.due_exchange, DUE_KEY
+        if remaining < smallest:
+            return topo.delay_exchange, topo.tier_key(smallest)
+        tier = topo.tiers[bisect.bisect_right(topo.tiers, remaining) - 1]
+        return topo.delay_exchange, topo.tier_key(tier)
+
+    # -- pending (a metric) ---------------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        """Timers waiting: ready messages in the tier and due queues (refreshed every few seconds
+        while `run()` runs) plus the ones `run()` holds until their `at`."""
+        return self._queued + len(self._held)
+
+    async def refresh_pending(self) -> int:
+        total = 0
+        for name in self.topology.queues:
+            queue = await self._stats.declare_queue(name, passive=True, robust=False)
+            total += queue.declaration_result.message_count or 0
+        self._queued, self._refreshed = total, time.monotonic()
+        return self.pending
+
+    async def _refresh_if_stale(self) -> None:
+        if time.monotonic() - self._refreshed < self._pending_refresh:
+            return
+        try:
+            await self.refresh_pending()
+        except _DEAD_CHANNEL as exc:  # a metric: never stop delivering timers for it
+            self._refreshed = time.monotonic()
+            log.warning("timers: could not refresh pending count: %r", exc)
+
+    # -- delivering -----------------------------------------------------------
+
+    async def run(self, on_due: Callable[[list[Due]], Awaitable[None]]) -> None:
+        channel = await self._connection.channel()
+        try:
+            await channel.set_qos(prefetch_count=self._prefetch)  # before consume (PITFALL 13)
+            queue = await channel.declare_queue(self.topology.due_queue, passive=True)
+            # aiormq runs the callback in its own tasks: it only hands over (PITFALL 6).
+            send, receive = anyio.create_memory_object_stream[AbstractIncomingMessage](self._prefetch)
+            tag = await queue.consume(partial(_hand_over, send))
+            try:
+                with send, receive:
+                    await self._deliver_forever(receive, on_due)
+            finally:
+                # Stop deliveries first; whatever is unacked is requeued when the channel closes (PITFALL 15).
+                with anyio.move_on_after(5, shield=True):
+                    await _quietly(queue.cancel(tag))
+        finally:
+            self._held = _Held()
+            with anyio.move_on_after(5, shield=True):
+                await _quietly(channel.close())
+
+    async def _deliver_forever(self, receive, on_due) -> None:
+        self._held = held = _Held()
+        unacked = _Unacked()  # held or being re-parked: a multiple-ack must stay below them
+        try:
+            # Re-parks run beside the loop: waiting for their confirms batch by batch stalls the
+            # due queue under load. Prefetch bounds how many are in flight.
+            async with anyio.create_task_group() as reparks:
+                while True:
+                    batch = await self._take(receive, held.next_at())
+                    now = self._clock.now()
+                    fire, junk = [], []
+                    for message in batch:
+                        due = _decode(message)
+                        if due is None:
+                            junk.append(message)
+                        elif due.at <= now:
+                            fire.append((message, due))
+                        elif due.at - now < self.topology.tiers[0] / 2:
+                            held.push(message, due)
+                            unacked.add(message)
+                        else:
+                            unacked.add(message)
+                            reparks.start_soon(self._repark, message, due, unacked)
+                    for message, due in held.pop_due(now):
+                        unacked.discard(message)
+                        fire.append((message, due))
+                    await self._fire(fire, on_due)
+                    await self._ack([m for m, _ in fire] + junk, unacked)
+                    await self._refresh_if_stale()
+        except BaseExceptionGroup as group:
+            raise _sole(group)
+
+    async def _take(self, receive, wake_at: float | None) -> list[AbstractIncomingMessage]:
+        """Wait for a message (or the next held `at`, or a pending refresh), then drain what is ready."""
+        timeout = self._pending_refresh
+        if wake_at is not None:
+            timeout = min(timeout, max(0.0, wake_at - self._clock.now()))
+        with anyio.move_on_after(timeout):
+            batch = [await receive.receive()]
+            while len(batch) < self._prefetch:
+                try:
+                    batch.append(receive.receive_nowait())
+                except anyio.WouldBlock:
+                    break
+            return batch
+        return []
+
+    async def _repark(self, message: AbstractIncomingMessage, due: Due, unacked: _Unacked) -> None:
+        """Back into the tiers (the next tier down); the delivery is acked once the copy is confirmed.
+        Unroutable ends run(); a broker away for longer than the retries requeues the delivery."""
+        try:
+            await self._park(message.body, due.at)
+            await _quietly(message.ack())
+        except PublishError:
+            raise
+        except _DEAD_CHANNEL as exc:
+            log.warning("timers: could not re-park %r, requeued: %r", due, exc)
+            await _quietly(message.nack(requeue=True))
+        finally:
+            unacked.discard(message)  # only now: a multiple-ack covering an ack in flight is a 406
+
+    async def _fire(self, fire: list[tuple[AbstractIncomingMessage, Due]], on_due) -> None:
+        if not fire:
+            return
+        fire.sort(key=lambda item: item[1].at)
+        try:
+            await on_due([due for _, due in fire])
+        except BaseException:
+            with anyio.CancelScope(shield=True):  # back to the queue for another try
+                for message, _ in fire:
+                    await _quietly(message.nack(requeue=True))
+            raise
+
+    async def _ack(self, messages: list[AbstractIncomingMessage], unacked: _Unacked) -> None:
+        """One multiple-ack per channel for the part of the batch below every still-unacked delivery."""
+        by_channel: dict[int, list[AbstractIncomingMessage]] = {}
+        for message in messages:
+            channel = _live_channel(message)
+            if channel is not None:  # a dead channel's messages were requeued by the broker (PITFALL 14)
+                by_channel.setdefault(id(channel), []).append(message)
+        for key, group in by_channel.items():
+            floor = unacked.floor(key)
+            below = [m for m in group if m.delivery_tag < floor]
+            if below:
+                await _quietly(max(below, key=lambda m: m.delivery_tag).ack(multiple=True))
+            for message in group:
+                if message.delivery_tag > floor:
+                    await _quietly(message.ack())
+
+
+class _Held:
+    """Timers that reached the due queue less than half the smallest tier early: kept unacked
+    (bounded by prefetch) until their `at`, since a tier would overshoot and the due queue would
+    hand them straight back."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, AbstractIncomingMessage, Due]] = []
+        self._seq = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def push(self, message: AbstractIncomingMessage, due: Due) -> None:
+        heapq.heappush(self._heap, (due.at, next(self._seq), message, due))
+
+    def next_at(self) -> float | None:
+        return self._heap[0][0] if self._heap else None
+
+    def pop_due(self, now: float) -> list[tuple[AbstractIncomingMessage, Due]]:
+        out = []
+        while self._heap and self._heap[0][0] <= now:
+            _, _, message, due = heapq.heappop(self._heap)
+            out.append((message, due))
+        return out
+
+
+class _Unacked:
+    """(channel, delivery tag) of deliveries that outlive their batch."""
+
+    def __init__(self) -> None:
+        self._keys: dict[int, tuple[int, int]] = {}  # id(message) -> (id(channel), tag)
+
+    def add(self, message: AbstractIncomingMessage) -> None:
+        channel = _live_channel(message)
+        if channel is not None:
+            self._keys[id(message)] = (id(channel), message.delivery_tag)
+
+    def discard(self, message: AbstractIncomingMessage) -> None:
+        self._keys.pop(id(message), None)
+
+    def floor(self, channel_key: int) -> float:
+        return min((tag for key, tag in self._keys.values() if key == channel_key), default=float("inf"))
+
+
+async def _hand_over(send, message: AbstractIncomingMessage) -> None:
+    try:
+        await send.send(message)
+    except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+        pass  # run() has ended: the channel closes and the broker requeues the message
+
+
+def _decode(message: AbstractIncomingMessage) -> Due | None:
+    try:
+        body = orjson.loads(message.body)
+        return Due(body["purpose"], body["order_no"], float(body["at"]))
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        log.error("timers: dropping an undecodable timer message: %r", message.body[:200])
+        return None
+
+
+def _sole(group: BaseExceptionGroup) -> BaseException:
+    """run() raises what on_due (or a re-park) raised, not a group around it."""
+    return group.exceptions[0] if len(group.exceptions) == 1 else group
+
+
+def _live_channel(message: AbstractIncomingMessage):
+    try:
+        return message.channel
+    except ChannelInvalidStateError:
+        return None
+
+
+async def _quietly(awaitable) -> None:
+    """Acks, cancels and closes on a channel that may have died meanwhile: nothing to do then."""
+    try:
+        await awaitable
+    except ChannelInvalidStateError:
+        pass  # the expected case after a reconnect: the broker has requeued the delivery
+    except _DEAD_CHANNEL as exc:
+        log.warning("timers: ignored a failed ack/cancel/close: %r", exc)
