@@ -19,9 +19,11 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from . import logs, schemas, states
-from .order import KINDS, decode
+from .order import KINDS, Order, decode
+from .outcome import TransientError
 from .pipeline import ShuttingDown
 from .ports import store as st
+from .stock import StockUnavailable
 
 log = logging.getLogger("oms.api")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -33,6 +35,7 @@ ROUTES = (
     ("POST", "/orders", "create_order"),
     ("GET", "/orders", "list_orders"),
     ("GET", "/orders/{no}", "get_order"),
+    ("GET", "/orders/{no}/can-pay", "can_pay"),
     ("POST", "/payments", "payment"),
     ("GET", "/exceptions", "exceptions"),
     ("POST", "/exceptions/{no}/replay", "replay"),
@@ -83,7 +86,7 @@ async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse
         return problem(413, f"body larger than {request.client_max_size} bytes")
     except web.HTTPException as exc:
         return problem(exc.status, exc.reason)
-    except ShuttingDown as exc:
+    except (ShuttingDown, StockUnavailable) as exc:
         return problem(503, str(exc))
     except Exception:  # noqa: BLE001 - logged with the request id; the daemon keeps serving
         log.exception("request failed", extra={"event": "http_error", "path": request.path})
@@ -150,6 +153,8 @@ class Api:
         if len(order.lines) > self.app.settings.intake.max_lines:
             raise BadInput([{"path": "lines", "reason": f"more than {self.app.settings.intake.max_lines} lines"}])
         created = (await self.app.intake.create([order.model_dump(mode="json", exclude_none=True)]))[0]
+        if created.refused:
+            return problem(409, created.refused)  # e.g. "out of stock: SKU@WH"; no order was created
         if not created.created:
             return json_response(await self._view(created.order_no), 200)
         return json_response({"order_no": created.order_no, "created": True, "status": created.status,
@@ -255,27 +260,94 @@ class Api:
                 del self._busy[order_no]
 
     async def _pay(self, pay: schemas.PaymentIn) -> web.Response:
-        stored = await self.pipeline.store.get(pay.order_no)
+        """Seed 001's payment boundaries. The booked payment again: a no-op. A payment the order
+        can no longer take (cancelled, or its deadline passed by the server's clock even if the
+        timeout has not fired yet): recorded and refunded, the order stays cancelled. An amount
+        other than the payable: recorded, the order goes to the exception centre."""
+        pipeline = self.pipeline
+        stored = await pipeline.store.get(pay.order_no)
         if stored is None:
             return problem(404, f"no order {pay.order_no}")
         order = decode(stored.doc)
         if order.results.get("payment_id") == pay.payment_id:
             return json_response({"order_no": pay.order_no, "duplicate": True, "status": stored.status})
+        late = next((p for p in order.results.get("late_payments", ()) if p["payment_id"] == pay.payment_id), None)
+        if late is not None:  # recorded before: make sure its refund is booked (the key makes it once)
+            return await self._refund(pay.order_no, late, duplicate=True)
+        if stored.state == st.WAIT_PAY and order.pay_deadline is not None \
+                and pipeline.clock.now() > order.pay_deadline:
+            await pipeline.expire_payment(pay.order_no)  # the deadline passed: cancel it now, not at the timer
+            stored = await pipeline.store.get(pay.order_no)
+        if stored.state == st.CANCELLED:
+            return await self._late_payment(pay)
         if stored.state != st.WAIT_PAY:
             return problem(409, f"order {pay.order_no} is not waiting for payment (state {stored.state})")
-        if order.pay_deadline is not None and self.pipeline.clock.now() > order.pay_deadline:
-            return problem(409, f"order {pay.order_no}: the pay deadline has passed")
-        if pay.amount != order.amounts.payable:
-            return problem(409, f"amount {pay.amount} differs from payable {order.amounts.payable}")
 
-        def paid(o: Any) -> None:
-            o.amounts.paid = o.amounts.cash = pay.amount
+        def booked(o: Order) -> None:
+            o.amounts.paid = pay.amount
+            o.amounts.non_cash, o.amounts.cash = pay.non_cash, pay.amount - pay.non_cash
             o.results["payment_id"] = pay.payment_id
 
-        released = await self.pipeline.release(pay.order_no, f"paid {pay.amount} via {pay.channel}", paid)
+        payable = order.amounts.payable
+        if pay.amount != payable:
+            reason = f"paid {pay.amount}, payable {payable}"
+            if not await pipeline.hold(pay.order_no, f"{reason} (payment {pay.payment_id} via {pay.channel})", booked):
+                return problem(409, f"order {pay.order_no} changed meanwhile; try again")
+            return json_response({"order_no": pay.order_no, "duplicate": False, "status": states.MANUAL_REVIEW,
+                                  "reason": reason})
+        released = await pipeline.release(pay.order_no, f"paid {pay.amount} via {pay.channel}", booked)
         if not released:
             return problem(409, f"order {pay.order_no} changed meanwhile; try again")
         return json_response({"order_no": pay.order_no, "duplicate": False, "status": "PAID"})
+
+    async def _late_payment(self, pay: schemas.PaymentIn) -> web.Response:
+        """Money for a cancelled order: on the order's record first (results["late_payments"] and a
+        history row "late_payment"), then refunded in full. Never revives the order."""
+        entry = {"payment_id": pay.payment_id, "amount": pay.amount, "non_cash": pay.non_cash,
+                 "cash": pay.amount - pay.non_cash, "channel": pay.channel, "at": self.pipeline.clock.now()}
+
+        def record(o: Order) -> None:
+            o.results.setdefault("late_payments", []).append(entry)
+
+        reason = f"payment {pay.payment_id} of {pay.amount} after cancellation: refunded"
+        if not await self.pipeline.note(pay.order_no, st.CANCELLED, "late_payment", reason, record):
+            return problem(409, f"order {pay.order_no} changed meanwhile; try again")
+        return await self._refund(pay.order_no, entry, duplicate=False)
+
+    async def _refund(self, order_no: str, payment: dict[str, Any], duplicate: bool) -> web.Response:
+        refund_id = None
+        if payment["amount"] > 0:
+            try:
+                refund_id = await self.pipeline.ports.finance.refund(
+                    f"{order_no}:refund:{payment['payment_id']}", order_no, payment["amount"],
+                    "payment after cancellation")
+            except TransientError as exc:
+                # Recorded, not yet refunded: the payment centre notifies again and we retry (same key).
+                return problem(503, f"payment {payment['payment_id']} recorded, its refund failed for now "
+                                    f"({exc}); notify again")
+        return json_response({"order_no": order_no, "duplicate": duplicate, "status": states.CANCELLED,
+                              "refunded": True, "refund_id": refund_id})
+
+    async def can_pay(self, request: web.Request) -> web.Response:
+        """The cashier asks before taking money (seed 001): the real time decides, not only
+        whether the timeout has been processed yet."""
+        no = request.match_info["no"]
+        stored = await self.pipeline.store.get(no)
+        if stored is None:
+            return problem(404, f"no order {no}")
+        order = decode(stored.doc)
+        deadline = order.pay_deadline
+        if not states.needs_prepayment(order):
+            answer = (False, "this order is not paid at a cashier")
+        elif stored.state == st.CANCELLED:
+            answer = (False, "the order is cancelled")
+        elif stored.state != st.WAIT_PAY:
+            answer = (False, "a payment was received already")
+        elif deadline is not None and self.pipeline.clock.now() > deadline:
+            answer = (False, "the pay deadline has passed")
+        else:
+            answer = (True, "waiting for payment")
+        return json_response({"order_no": no, "can_pay": answer[0], "reason": answer[1], "pay_deadline": deadline})
 
     async def exceptions(self, request: web.Request) -> web.Response:
         rows = await self.pipeline.store.in_state(st.MANUAL, _limit(request), request.query.get("cursor", ""))

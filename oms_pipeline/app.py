@@ -16,6 +16,7 @@ from .config import ConfigError, Settings
 from .intake import Intake
 from .order import KINDS
 from .pipeline import Pipeline, stage_configs
+from .stock import Stock
 
 
 class StartupError(Exception):
@@ -29,6 +30,7 @@ class App:
     intake: Intake
     effects: EffectLog
     exit_stack: AsyncExitStack
+    stock: Stock | None = None
 
     async def aclose(self) -> None:
         await self.exit_stack.aclose()
@@ -115,7 +117,11 @@ async def build(settings: Settings, *, clock: Clock | None = None) -> App:
         pipeline = Pipeline(settings, load_specs(), table, store, MemoryTimers(clock), coordination,
                             ports, clock, flag_names=flags.names)
         stack.callback(pipeline.stop)
-        return App(settings, pipeline, Intake(pipeline, settings), effects, stack)
+        stock = Stock(ports.inventory, store, clock, settings)
+        pipeline.listeners.append(stock.on_end)  # cancelled: give the stock back
+        pipeline.on_start.append(stock.confirm)  # paid: the reservation becomes a sale
+        pipeline.services.append(stock.run)  # cancels as they come, and the reconciler
+        return App(settings, pipeline, Intake(pipeline, settings, stock), effects, stack, stock)
     except BaseException:
         await stack.aclose()
         raise

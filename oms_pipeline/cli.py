@@ -56,6 +56,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--amount", type=int, help="cents; default: the order's payable")
     s.set_defaults(run=cmd_pay)
 
+    s = sub.add_parser("can-pay", help="may the cashier take a payment for an order now (and its deadline)")
+    s.add_argument("order_no")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(run=cmd_can_pay)
+
     s = sub.add_parser("order", help="one order").add_subparsers(required=True, metavar="ACTION")
     show = s.add_parser("show", help="show an order")
     show.add_argument("order_no")
@@ -210,8 +215,20 @@ def cmd_pay(args: argparse.Namespace) -> int:
     body = {"order_no": args.order_no, "payment_id": args.payment_id or f"pay-{args.order_no}",
             "amount": amount, "channel": "cli"}
     result = ok(*request(args, "POST", "/payments", body))
-    print(f"{args.order_no}: {'already paid' if result['duplicate'] else 'paid'} ({amount} cents)")
+    if result.get("refunded"):
+        print(f"{args.order_no}: cancelled; the payment ({amount} cents) is refunded")
+    elif result.get("reason"):
+        print(f"{args.order_no}: sent to manual review: {result['reason']}")
+    else:
+        print(f"{args.order_no}: {'already paid' if result['duplicate'] else 'paid'} ({amount} cents)")
     return EXIT_OK
+
+
+def cmd_can_pay(args: argparse.Namespace) -> int:
+    body = ok(*request(args, "GET", f"/orders/{args.order_no}/can-pay"))
+    deadline = body["pay_deadline"]
+    until = time.strftime(" (deadline %Y-%m-%d %H:%M:%S)", time.localtime(deadline)) if deadline else ""
+    return emit(body, args.json, f"{args.order_no}: {'yes' if body['can_pay'] else 'no'}, {body['reason']}{until}")
 
 
 def cmd_order_show(args: argparse.Namespace) -> int:

@@ -112,6 +112,20 @@ class PaymentSettings(_Frozen):
         return self.timeout_by_kind.get(kind, self.timeout)
 
 
+class StockSettings(_Frozen):
+    """Reservations at intake (oms_pipeline/stock.py)."""
+
+    # Seconds a reservation may stay neither confirmed nor released before the reconciler
+    # settles it; unset: the longest payment timeout + 300 (an unpaid order is cancelled first).
+    reservation_ttl: PositiveFloat | None = None
+    reconcile_interval: PositiveFloat = 60.0  # seconds between reconciler passes
+
+    def ttl(self, payment: "PaymentSettings") -> float:
+        if self.reservation_ttl is not None:
+            return self.reservation_ttl
+        return max([payment.timeout, *payment.timeout_by_kind.values()]) + 300.0
+
+
 class RoutingSettings(_Frozen):
     file: str = "routes.toml"  # relative to the config file
 
@@ -125,6 +139,7 @@ class Settings(_Frozen):
     metrics: MetricsSettings = MetricsSettings()
     intake: IntakeSettings = IntakeSettings()
     payment: PaymentSettings = PaymentSettings()
+    stock: StockSettings = StockSettings()
     routing: RoutingSettings = RoutingSettings()
     stage_defaults: StageDefaults = StageDefaults()
     stages: dict[str, StageSettings] = {}

@@ -117,6 +117,20 @@ class PaymentResult(_Answer):
     order_no: str
     duplicate: bool = Field(description="true: this payment_id was booked before; nothing changed")
     status: Status
+    refunded: bool | None = Field(None, description="present (true) when the order was cancelled before the "
+                                                    "payment arrived: the payment is recorded and refunded in full")
+    refund_id: str | None = Field(None, description="the finance refund, when refunded (null for an amount of 0)")
+    reason: str | None = Field(None, description="present when the payment went to manual review: "
+                                                 "\"paid X, payable Y\"")
+
+
+class CanPay(_Answer):
+    """Whether the cashier may take a payment for the order now."""
+
+    order_no: str
+    can_pay: bool
+    reason: str = Field(description="why (not): waiting for payment, the pay deadline has passed, cancelled, ...")
+    pay_deadline: float | None = Field(description="epoch seconds; no payment is taken after it (server clock)")
 
 
 class ExceptionItem(_Answer):
@@ -158,7 +172,7 @@ class Health(_Answer):
 
 
 ANSWERS: tuple[type[BaseModel], ...] = (Problem, ValidationProblem, Created, OrderView, OrderPage, PaymentResult,
-                                         ExceptionPage, Replayed, Stats, Health)
+                                         CanPay, ExceptionPage, Replayed, Stats, Health)
 
 # -- paths ---------------------------------------------------------------------------------
 
@@ -187,6 +201,10 @@ not discounted); only a `bundle` line has `components`; `delivery_promise:
 scheduled` needs a `delivery_date` on a line; `external_id` may not contain `#`
 (reserved for split children). Orders that wait for payment (ToC paid online)
 answer with the `pay_deadline` to hand to the cashier.
+
+Stock is reserved for every physical line shipped from a warehouse before the
+order is stored, all or nothing: when a line cannot be reserved the answer is
+`409` "out of stock: SKU@WH" and no order is created.
 """
 
 LIST = """\
@@ -196,9 +214,21 @@ every order. Page with `cursor` = the last order number of the previous page
 """
 
 PAY = """\
-The payment centre's notification. The amount must equal the order's payable;
-a `payment_id` already booked is a no-op (`duplicate: true`), whatever the
-order's state since.
+The payment centre's notification; `non_cash` is the part of `amount` paid by
+balance, cards or coupons (a mixed payment), the rest is cash. A `payment_id`
+already booked is a no-op (`duplicate: true`), whatever the order's state since.
+
+A payment for an order that was cancelled, or whose pay deadline has passed by
+the server's clock (a payment exactly at the deadline is taken), is recorded on
+the order and refunded in full (`refunded: true`); the order stays cancelled.
+A payment whose amount differs from the payable is recorded and the order goes
+to the exception centre (`status: MANUAL_REVIEW`, `reason`).
+"""
+
+CAN_PAY = """\
+The cashier's question before it takes money: `can_pay` is false once the pay
+deadline has passed (by the server's clock, even before the timeout has
+cancelled the order), and for cancelled, paid and not prepaid orders.
 """
 
 PATHS: dict[tuple[str, str], dict[str, Any]] = {
@@ -208,8 +238,9 @@ PATHS: dict[tuple[str, str], dict[str, Any]] = {
         "answers": {"201": ("Created", "the order was created"),
                     "200": ("OrderView", "an order with this (source, external_id) exists: that order"),
                     "413": ("Problem", "body larger than http.max_body_bytes"),
+                    "409": ("Problem", "out of stock: SKU@WH (no order was created)"),
                     "422": ("ValidationProblem", "invalid request: every field with its reason"),
-                    "503": ("Problem", "shutting down: try again later (another instance)")}},
+                    "503": ("Problem", "shutting down, or the inventory cannot be asked: try again later")}},
     ("GET", "/orders"): {
         "summary": "List orders by member, status, customer tab and runtime state", "description": LIST,
         "query": ["member", "status", "tab", "state", "limit", "cursor"],
@@ -219,14 +250,19 @@ PATHS: dict[tuple[str, str], dict[str, Any]] = {
         "summary": "One order: state, stage, status, document, stage history and status events",
         "answers": {"200": ("OrderView", "the order with `history` and `events`"),
                     "404": ("Problem", "no such order")}},
+    ("GET", "/orders/{no}/can-pay"): {
+        "summary": "May the cashier take a payment for this order now", "description": CAN_PAY,
+        "answers": {"200": ("CanPay", "yes or no, why, and the pay deadline"),
+                    "404": ("Problem", "no such order")}},
     ("POST", "/payments"): {
         "summary": "Payment notification", "description": PAY, "body": "PaymentIn",
-        "answers": {"200": ("PaymentResult", "booked and the order released into fulfilment, or a duplicate"),
+        "answers": {"200": ("PaymentResult", ("booked and the order released into fulfilment, a duplicate, "
+                                              "refunded (order cancelled), or sent to manual review (amount)")),
                     "404": ("Problem", "no such order"),
-                    "409": ("Problem", ("the order is not waiting for payment, its pay deadline has passed, "
-                                        "or the amount differs from its payable")),
+                    "409": ("Problem", "the order is paid already (another payment_id) or in the exception centre"),
                     "413": ("Problem", "body larger than http.max_body_bytes"),
-                    "422": ("ValidationProblem", "invalid request: every field with its reason")}},
+                    "422": ("ValidationProblem", "invalid request: every field with its reason"),
+                    "503": ("Problem", "a late payment was recorded but its refund failed for now: notify again")}},
     ("GET", "/exceptions"): {
         "summary": "The exception centre: orders waiting for a person, with the reason",
         "query": ["limit", "cursor"],

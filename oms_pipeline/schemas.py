@@ -90,8 +90,16 @@ class OrderIn(_Strict):
 class PaymentIn(_Strict):
     order_no: Annotated[str, Field(pattern=r"^[0-9]{18}$")]
     payment_id: Code
-    amount: Cents
+    amount: Cents  # the whole payment: its non-cash part plus its cash part
     channel: Annotated[str, Field(max_length=32)] = "unknown"
+    # Of `amount`, what balance, cards or coupons paid (a mixed payment, 组合支付); the rest is cash.
+    non_cash: Cents = 0
+
+    @model_validator(mode="after")
+    def _parts(self) -> "PaymentIn":
+        if self.non_cash > self.amount:
+            raise ValueError("non_cash: more than the amount")
+        return self
 
 
 def errors(exc: ValidationError) -> list[dict[str, Any]]:

@@ -73,7 +73,10 @@ _FULFILMENT = _table(
 
 _PREPAID_START = _table(
     CREATED=(WAIT_PAY, CANCELLED),
-    WAIT_PAY=(PAID, CANCELLED),  # payment timeout or buyer cancel: nothing to refund
+    # CANCELLED: payment timeout or buyer cancel, nothing to refund. MANUAL_REVIEW: a payment
+    # arrived whose amount differs from the payable; it is recorded and a person decides
+    # (a replay then starts fulfilment: MANUAL_REVIEW -> IN_FULFILMENT).
+    WAIT_PAY=(PAID, CANCELLED, MANUAL_REVIEW),
     PAID=(IN_FULFILMENT, CANCEL_REQUESTED),
 )
 _NO_PREPAYMENT_START = _table(CREATED=(IN_FULFILMENT, CANCELLED))

@@ -367,14 +367,24 @@ def test_payment_moves_the_order_on_and_a_repeat_is_a_no_op(port):
     assert sum(e["to_status"] == "PAID" for e in events) == 1
 
 
-def test_a_payment_of_a_different_amount_is_409_and_changes_nothing(port):
+def test_a_payment_of_a_different_amount_is_recorded_and_goes_to_manual_review(port):
     created = call(port, "POST", "/orders", order_request()).body
-    no = created["order_no"]
-    answer = call(port, "POST", "/payments", {"order_no": no, "payment_id": "P-WRONG", "amount": created["payable"] + 1})
-    assert answer.status == 409, answer
-    assert "differs" in shaped(openapi.Problem, answer)["error"]
+    no, payable = created["order_no"], created["payable"]
+    answer = call(port, "POST", "/payments", {"order_no": no, "payment_id": "P-WRONG", "amount": payable + 1})
+    assert answer.status == 200, answer
+    assert shaped(openapi.PaymentResult, answer)["reason"] == f"paid {payable + 1}, payable {payable}"
     view = call(port, "GET", f"/orders/{no}").body
-    assert (view["state"], view["status"], view["order"]["amounts"]["paid"]) == ("wait_pay", "WAIT_PAY", 0)
+    assert (view["state"], view["status"], view["order"]["amounts"]["paid"]) == ("manual", "MANUAL_REVIEW",
+                                                                                 payable + 1)
+    assert no in [i["order_no"] for i in call(port, "GET", "/exceptions").body["items"]]
+
+
+def test_can_pay_answers_with_the_deadline(port):
+    created = call(port, "POST", "/orders", order_request()).body
+    answer = call(port, "GET", f"/orders/{created['order_no']}/can-pay")
+    assert answer.status == 200, answer
+    assert shaped(openapi.CanPay, answer) == {"order_no": created["order_no"], "can_pay": True,
+                                              "reason": "waiting for payment", "pay_deadline": created["pay_deadline"]}
 
 
 def test_a_payment_for_an_unknown_order_is_404(port):

@@ -253,7 +253,9 @@ def test_thousands_of_malformed_requests_never_5xx_and_change_nothing(tmp_path):
         payable = {no: view(d, no)["payable"] for no in numbers}
         before = settled(d, numbers)
 
-        # Payments against the known orders always carry a wrong amount, so none may be booked.
+        # Payments against the known orders always carry a wrong amount. One reaching an order that
+        # waits for payment would still be booked (recorded for manual review), so those are not sent.
+        waiting = set(numbers[:len(toc)])
         payments = [{"order_no": no, "payment_id": f"FUZZ-P-{i}", "amount": payable[no] + 1, "channel": "fuzz"}
                     for i, no in enumerate(numbers)]
         payments.append({"order_no": "123456789012345678", "payment_id": "FUZZ-P-X", "amount": 4580})
@@ -270,7 +272,8 @@ def test_thousands_of_malformed_requests_never_5xx_and_change_nothing(tmp_path):
                 except (ValueError, RecursionError):
                     sent = None
                 if isinstance(sent, dict) and isinstance(sent.get("order_no"), str) \
-                        and type(sent.get("amount")) is int and payable.get(sent["order_no"]) == sent["amount"]:
+                        and type(sent.get("amount")) is int and (payable.get(sent["order_no"]) == sent["amount"]
+                                                                 or sent["order_no"] in waiting):
                     return -1, b""  # would be a real payment: not sent
             return client.send(method, path, body, headers)
 

@@ -415,6 +415,8 @@ def _wanted_effects(no: str, doc: Order) -> set[tuple[str, str]]:
                           ("reissue_sms", "notification")):
         if stage in r:
             wanted.add((system, f"{no}:{stage}"))
+    # stock reserved at intake (then confirmed under the same key), one key per sku@warehouse
+    wanted |= {("inventory", f"{no}:reserve:{sku}@{wh}") for sku, wh, _ in r.get("stock", {}).get("lines", {}).values()}
     return wanted
 
 

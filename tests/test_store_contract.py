@@ -53,6 +53,13 @@ async def test_create_is_idempotent_on_source_and_external_id(store):
     assert (await store.get("N1")).state == st.QUEUED
 
 
+async def test_find_external_names_the_order_taken_in_for_a_request(store):
+    await store.create([new("N1")])
+    assert await store.find_external("app", "ext-N1") == "N1"
+    assert await store.find_external("app", "ext-N2") is None
+    assert await store.find_external("web", "ext-N1") is None
+
+
 async def test_duplicates_inside_one_batch_make_one_order(store):
     assert await store.create([new("N1", ext="same"), new("N2", ext="same")]) == [("N1", True), ("N1", False)]
 

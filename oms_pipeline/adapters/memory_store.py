@@ -87,6 +87,9 @@ class MemoryStore:
     async def get(self, order_no: str) -> StoredOrder | None:
         return self._orders.get(order_no)
 
+    async def find_external(self, source: str, external_id: str) -> str | None:
+        return self._by_external.get((source, external_id))
+
     async def active(self) -> list[StoredOrder]:
         found = [o for o in self._orders.values() if o.state in ACTIVE_STATES]
         return sorted(found, key=lambda o: self._created_at[o.order_no])

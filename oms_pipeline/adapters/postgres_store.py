@@ -204,6 +204,10 @@ class PostgresStore:
         rows = await self._rows("get_order", order_no)
         return StoredOrder(*rows[0]) if rows else None
 
+    async def find_external(self, source: str, external_id: str) -> str | None:
+        rows = await self._rows("orders_by_external", [source], [external_id])
+        return rows[0]["order_no"] if rows else None
+
     async def active(self) -> list[StoredOrder]:
         return [StoredOrder(*r) for r in await self._rows("active_orders")]
 

@@ -151,6 +151,10 @@ class SqliteStore:
         rows = await self._rows(Q["get_order"], order_no)
         return StoredOrder(*rows[0]) if rows else None
 
+    async def find_external(self, source: str, external_id: str) -> str | None:
+        rows = await self._rows(Q["order_by_external"], source, external_id)
+        return rows[0][0] if rows else None
+
     async def active(self) -> list[StoredOrder]:
         return [StoredOrder(*r) for r in await self._rows(Q["active_orders"])]
 

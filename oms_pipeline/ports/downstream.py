@@ -34,6 +34,16 @@ class StockLevel(msgspec.Struct, frozen=True):
     sold: int
 
 
+class Reservation(msgspec.Struct, frozen=True):
+    """An open reservation: reserved, neither confirmed nor released yet (for the reconciler)."""
+
+    key: str
+    sku: str
+    warehouse: str
+    qty: int
+    created_at: float  # epoch seconds of the reserve call that made it
+
+
 class Notification(Protocol):
     async def send(self, key: str, channel: str, recipient: str, template: str,
                    params: dict[str, Any]) -> str:
@@ -113,6 +123,19 @@ class Inventory(Protocol):
 
     async def stock(self, sku: str, warehouse: str) -> StockLevel:
         """The current levels (a read)."""
+
+    # Two small additions for the OMS's try/confirm/cancel (oms_pipeline/stock.py):
+
+    async def restock(self, key: str, sku: str, warehouse: str, qty: int) -> None:
+        """Move qty from sold back to sellable: a sale confirmed for an order that was then
+        cancelled before anything left the warehouse (a release of a sold reservation is
+        refused: that would be a return). Keyed like every effect: once per key."""
+
+    async def open_reservations(self, created_before: float, limit: int = 500,
+                                after: str = "") -> list[Reservation]:
+        """Reservations still open (neither confirmed nor released) made at or before
+        `created_before`, by key, the first `limit` after key `after` (a read: the
+        reconciler pages through them to expire the ones nobody settled)."""
 
 
 @dataclass(frozen=True, slots=True)

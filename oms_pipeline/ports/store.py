@@ -103,6 +103,9 @@ class Store(Protocol):
 
     async def get(self, order_no: str) -> StoredOrder | None: ...
 
+    async def find_external(self, source: str, external_id: str) -> str | None:
+        """The number of the order taken in for (source, external_id), if any."""
+
     async def active(self) -> list[StoredOrder]:
         """Every order in an active state (queued, parked, waiting for payment)."""
 

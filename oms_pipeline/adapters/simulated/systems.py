@@ -21,7 +21,7 @@ import msgspec
 
 from ...order import ZONES
 from ...outcome import PermanentError, TransientError
-from ...ports.downstream import CHANNELS, Occupation, Ports, StockLevel
+from ...ports.downstream import CHANNELS, Occupation, Ports, Reservation, StockLevel
 from .effects import Effect, EffectLog, T
 from .settings import SimSettings
 
@@ -410,19 +410,29 @@ class _Reservation:
     warehouse: str
     qty: int
     state: str  # reserved | sold | released | refused
+    created_at: float = 0.0
 
 
 class SimInventory:
-    """sellable/reserved/sold per (sku, warehouse); their sum never changes."""
+    """sellable/reserved/sold per (sku, warehouse); their sum never changes.
+
+    Open reservations (reserved, neither confirmed nor released) are also kept by
+    key with their creation time, for the OMS's reconciler (`open_reservations`).
+    """
 
     def __init__(self, channel: _Channel, settings: SimSettings) -> None:
         self._ch = channel
         self._settings = settings.inventory
         self._levels: dict[tuple[str, str], list[int]] = {}  # [sellable, reserved, sold]
         self._reservations: dict[str, _Reservation] = {}
+        self._open: dict[str, _Reservation] = {}  # the reserved ones
 
     def level(self, sku: str, warehouse: str) -> StockLevel:
         return StockLevel(*self._level(sku, warehouse))
+
+    def levels(self) -> dict[tuple[str, str], StockLevel]:
+        """Every (sku, warehouse) touched so far (the others are at their initial stock)."""
+        return {place: StockLevel(*level) for place, level in self._levels.items()}
 
     def initial(self, sku: str, warehouse: str) -> int:
         return self._settings.stock.get(warehouse, {}).get(sku, self._settings.default_stock)
@@ -431,10 +441,17 @@ class SimInventory:
         await self._ch.arrive("stock", (sku, warehouse))
         return self.level(sku, warehouse)
 
+    async def open_reservations(self, created_before: float, limit: int = 500,
+                                after: str = "") -> list[Reservation]:
+        await self._ch.arrive("open_reservations", (created_before, after))
+        keys = sorted(k for k, r in self._open.items() if k > after and r.created_at <= created_before)
+        return [Reservation(k, self._open[k].sku, self._open[k].warehouse, self._open[k].qty,
+                            self._open[k].created_at) for k in keys[:limit]]
+
     async def reserve(self, key: str, sku: str, warehouse: str, qty: int) -> bool:
         payload = {"sku": sku, "warehouse": warehouse, "qty": qty}
         return await self._ch.effect("reserve", key, payload,
-                                     lambda: self._reserve(key, sku, warehouse, qty), bool)
+                                     lambda: self._reserve(key, sku, warehouse, qty, self._ch.clock.now()), bool)
 
     async def confirm(self, key: str) -> None:
         await self._ch.effect("confirm", key, {}, lambda: self._confirm(key))
@@ -442,13 +459,18 @@ class SimInventory:
     async def release(self, key: str) -> None:
         await self._ch.effect("release", key, {}, lambda: self._release(key))
 
+    async def restock(self, key: str, sku: str, warehouse: str, qty: int) -> None:
+        payload = {"sku": sku, "warehouse": warehouse, "qty": qty}
+        await self._ch.effect("restock", key, payload, lambda: self._restock(key, sku, warehouse, qty))
+
     def _level(self, sku: str, warehouse: str) -> list[int]:
         found = self._levels.get((sku, warehouse))
         if found is None:
             found = self._levels[(sku, warehouse)] = [self.initial(sku, warehouse), 0, 0]
         return found
 
-    def _reserve(self, key: str, sku: str, warehouse: str, qty: int, granted: bool | None = None) -> bool:
+    def _reserve(self, key: str, sku: str, warehouse: str, qty: int, at: float,
+                 granted: bool | None = None) -> bool:
         _require(qty > 0, f"inventory: reservation {key} must be for a positive qty, got {qty}")
         if key in self._reservations:  # released before it was made: stays unreserved
             return False
@@ -457,7 +479,9 @@ class SimInventory:
         if ok:
             level[0] -= qty
             level[1] += qty
-        self._reservations[key] = _Reservation(sku, warehouse, qty, "reserved" if ok else "refused")
+        r = self._reservations[key] = _Reservation(sku, warehouse, qty, "reserved" if ok else "refused", at)
+        if ok:
+            self._open[key] = r
         return ok
 
     def _confirm(self, key: str) -> None:
@@ -468,6 +492,7 @@ class SimInventory:
         level[1] -= r.qty
         level[2] += r.qty
         r.state = "sold"
+        self._open.pop(key, None)
 
     def _release(self, key: str) -> None:
         r = self._reservations.get(key)
@@ -480,13 +505,23 @@ class SimInventory:
             level[1] -= r.qty
             level[0] += r.qty
         r.state = "released"
+        self._open.pop(key, None)
+
+    def _restock(self, key: str, sku: str, warehouse: str, qty: int) -> None:
+        _require(qty > 0, f"inventory: restock {key} must be for a positive qty, got {qty}")
+        level = self._level(sku, warehouse)
+        _require(level[2] >= qty, f"inventory: restock {key}: only {level[2]} of {sku}@{warehouse} sold, not {qty}")
+        level[2] -= qty
+        level[0] += qty
 
     def replay(self, effect: Effect) -> None:
         key, p = effect.key, effect.payload
         if effect.op == "reserve":
-            self._reserve(key, p["sku"], p["warehouse"], p["qty"], granted=bool(effect.result))
+            self._reserve(key, p["sku"], p["warehouse"], p["qty"], effect.at, granted=bool(effect.result))
         elif effect.op == "confirm":
             self._confirm(key)
+        elif effect.op == "restock":
+            self._restock(key, p["sku"], p["warehouse"], p["qty"])
         else:
             self._release(key)
 

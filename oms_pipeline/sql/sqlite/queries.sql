@@ -23,6 +23,9 @@ INSERT INTO sequences (name, next) VALUES (?, ?)
 ON CONFLICT (name) DO UPDATE SET next = next + excluded.next - 1
 RETURNING next;
 
+-- name: order_by_external
+SELECT order_no FROM orders WHERE source = ? AND external_id = ?;
+
 -- name: get_order
 SELECT order_no, kind, state, stage, status, attempts, wake_at, doc, parent_no, updated_at
 FROM orders WHERE order_no = ?;
