@@ -59,9 +59,7 @@ def check(settings: Settings) -> routing.RoutingTable:
         raise ConfigError(f"{settings.source}: key http.token: required when http.host "
                           f"({settings.http.host!r}) is not a loopback address (set it or OMS__HTTP__TOKEN)")
     _coordination_for(settings.coordination.url, settings, SystemClock())
-    if settings.broker.url != "memory://":
-        raise ConfigError(f"{settings.source}: key broker.url: {settings.broker.url!r} is not supported by this "
-                          "build (the embedded default is memory://)")
+    _timers_for(settings.broker.url, settings, SystemClock())
     return load_routing(settings, specs)
 
 
@@ -76,6 +74,16 @@ def _store_for(url: str, settings: Settings) -> Any:
         return PostgresStore(url, max_batch=settings.store.checkpoint_max_batch)
     raise ConfigError(f"{settings.source}: key store.url: {url!r} is not a store this build has "
                       "(sqlite:///PATH, postgresql://..., or memory://)")
+
+
+def _timers_for(url: str, settings: Settings, clock: Clock) -> Any:
+    """Delayed wake-ups: in-process on the embedded default, RabbitMQ delay queues with amqp://."""
+    if url == "memory://":
+        return MemoryTimers(clock)
+    if url.startswith(("amqp://", "amqps://")):
+        from .adapters.rabbitmq_timers import RabbitTimers
+        return RabbitTimers(url, clock, prefix=settings.broker.prefix, tiers=tuple(settings.broker.delay_tiers))
+    raise ConfigError(f"{settings.source}: key broker.url: {url!r} is not supported (amqp://... or memory://)")
 
 
 async def _open_store(store: Any) -> None:
@@ -114,7 +122,11 @@ async def build(settings: Settings, *, clock: Clock | None = None) -> App:
         if hasattr(coordination, "open"):
             await coordination.open()
         stack.push_async_callback(coordination.close)
-        pipeline = Pipeline(settings, load_specs(), table, store, MemoryTimers(clock), coordination,
+        timers = _timers_for(settings.broker.url, settings, clock)
+        if hasattr(timers, "open"):
+            await timers.open()
+            stack.push_async_callback(timers.close)
+        pipeline = Pipeline(settings, load_specs(), table, store, timers, coordination,
                             ports, clock, flag_names=flags.names)
         stack.callback(pipeline.stop)
         stock = Stock(ports.inventory, store, clock, settings)

@@ -80,6 +80,9 @@ class StoreSettings(_Frozen):
 
 class BrokerSettings(_Frozen):
     url: str = "memory://"
+    prefix: str = "oms"  # names of the exchanges and queues on RabbitMQ
+    # Delay-queue tiers in seconds: a timer walks down them; it fires at most half the smallest tier late.
+    delay_tiers: Annotated[tuple[PositiveFloat, ...], msgspec.Meta(min_length=1)] = (1, 5, 30, 120, 600, 3600, 21600)
 
 
 class CoordinationSettings(_Frozen):

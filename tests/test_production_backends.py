@@ -61,3 +61,47 @@ async def test_orders_run_on_postgres_and_redis_and_survive_a_restart(tmp_path):
                 counters.delete(key)
         finally:
             counters.close()
+
+
+async def test_pay_deadlines_fire_through_rabbitmq_delay_queues(tmp_path):
+    require_service("RabbitMQ", "127.0.0.1", 5672)
+    prefix = f"oms-test-{uuid.uuid4().hex[:8]}"
+    config, port = write_config(tmp_path, f"""
+[broker]
+url = "amqp://guest:guest@127.0.0.1:5672/"
+prefix = "{prefix}"
+delay_tiers = [0.5, 1.0]
+[payment]
+timeout = 2.0
+""")
+    from oms_pipeline.generator import generate
+    online = [{**r, "kind": "toc", "source": "app", "payment_method": "online", "remark": "",
+               "delivery_promise": "standard", "presale": False} for r in generate(6, 5)]
+    d = Daemon(config, port).start()
+    try:
+        created = [d.post("/orders", order)[1] for order in online]
+        assert all(c["status"] == "WAIT_PAY" for c in created)
+        paid = created[0]
+        assert d.post("/payments", {"order_no": paid["order_no"], "payment_id": "P1",
+                                    "amount": paid["payable"]})[0] == 200
+        wait_all_terminal(d, 6, timeout=30)
+        states = {c["order_no"]: d.get(f"/orders/{c['order_no']}")[1]["state"] for c in created}
+        assert states[paid["order_no"]] == "done"
+        assert [s for no, s in states.items() if no != paid["order_no"]] == ["cancelled"] * 5
+    finally:
+        d.stop()
+        await _delete_topology(prefix)
+
+
+async def _delete_topology(prefix: str) -> None:
+    import aio_pika
+    connection = await aio_pika.connect("amqp://guest:guest@127.0.0.1:5672/")
+    try:
+        channel = await connection.channel()
+        for tier in ("0.5s", "1s"):
+            await channel.queue_delete(f"{prefix}.delay.{tier}")
+        await channel.queue_delete(f"{prefix}.timers.due")
+        for exchange in (f"{prefix}.delay", f"{prefix}.due"):
+            await channel.exchange_delete(exchange)
+    finally:
+        await connection.close()
