@@ -20,23 +20,17 @@ import time
 from pathlib import Path
 
 import anyio
+from common import rss_mb
 
-from oms_pipeline.daemon import tune_gc
 from oms_pipeline import app as app_module
 from oms_pipeline import config
+from oms_pipeline.daemon import tune_gc
 from oms_pipeline.generator import generate
 
 ROOT = Path(__file__).resolve().parent.parent
 BURST = {"kind": "third_party", "source": "platform", "payment_method": "none", "remark": "",
          "delivery_promise": "standard", "presale": False}
 
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 async def main(n: int, batch: int, db: str) -> None:

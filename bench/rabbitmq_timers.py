@@ -21,18 +21,11 @@ from uuid import uuid4
 
 import aio_pika
 import anyio
+from common import rss_mb
 
 from oms_pipeline.adapters.rabbitmq_timers import DEFAULT_TIERS, RabbitTimers
 from oms_pipeline.clock import SystemClock
 from oms_pipeline.daemon import tune_gc
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 class Firings:

@@ -51,6 +51,7 @@ from oms_pipeline.generator import generate
 from oms_pipeline.order import Order, decode
 from oms_pipeline.outcome import OUTCOMES
 from oms_pipeline.ports import store as st
+from tests.support.runtime import all_orders
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +62,6 @@ BATCH = 200
 ROUTES = Path(__file__).resolve().parent.parent / "config" / "routes.toml"
 MONEY = ("discount", "coupon", "points", "freight", "payable")
 PAID = ("paid", "non_cash", "cash")
-ALL_STATES = (st.QUEUED, st.PARKED, st.WAIT_PAY, st.DONE, st.CANCELLED, st.MANUAL, st.SPLIT)
 
 
 @pytest.fixture
@@ -176,14 +176,6 @@ async def _run_to_rest(app, clock: VirtualClock) -> int:
                 return steps
 
 
-async def _all_orders(store) -> dict[str, Any]:
-    rows = {}
-    for state in ALL_STATES:
-        after = ""
-        while page := await store.in_state(state, 1000, after):
-            rows.update((r.order_no, r) for r in page)
-            after = page[-1].order_no
-    return rows
 
 
 # -- the test ------------------------------------------------------------------
@@ -207,7 +199,7 @@ async def test_generated_mix_runs_end_to_end(tmp_path, caplog):
             with anyio.fail_after(150):
                 numbers = await _submit_all(app, requests)
                 steps = await _run_to_rest(app, clock)
-            rows = await _all_orders(app.pipeline.store)
+            rows = await all_orders(app.pipeline.store)
             histories = {no: await app.pipeline.store.history(no) for no in rows}
             tg.cancel_scope.cancel()
         effects = {(e.system, e.op, e.key) for e in app.effects.applied()}

@@ -46,6 +46,7 @@ from oms_pipeline.clock import VirtualClock
 from oms_pipeline.generator import generate
 from oms_pipeline.order import decode
 from oms_pipeline.ports import store as st
+from tests.support.runtime import all_orders
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +58,6 @@ ARRIVAL = 20.0  # virtual seconds between batches
 STOCK = 12  # initial sellable per (sku, warehouse): about the median demand of the run
 TIMEOUT = 600.0
 ROUTES = Path(__file__).resolve().parent.parent / "config" / "routes.toml"
-ALL_STATES = (st.QUEUED, st.PARKED, st.WAIT_PAY, st.DONE, st.CANCELLED, st.MANUAL, st.SPLIT)
 
 
 @pytest.fixture
@@ -168,14 +168,6 @@ class Run:
         raise AssertionError("the pipeline did not come to rest")
 
 
-async def all_orders(store) -> dict[str, Any]:
-    rows = {}
-    for state in ALL_STATES:
-        after = ""
-        while page := await store.in_state(state, 1000, after):
-            rows.update((r.order_no, r) for r in page)
-            after = page[-1].order_no
-    return rows
 
 
 @pytest.mark.anyio

@@ -13,6 +13,7 @@ from oms_pipeline.adapters.memory_timers import MemoryTimers
 from oms_pipeline.clock import VirtualClock
 from oms_pipeline.order import Address, Amounts, Line, Order
 from oms_pipeline.pipeline import Pipeline
+from oms_pipeline.ports import store as st
 from oms_pipeline.stage import StageSpec
 
 
@@ -55,3 +56,17 @@ async def running(pipeline: Pipeline) -> AsyncIterator[anyio.abc.TaskGroup]:
         await tg.start(pipeline.run)
         yield tg
         tg.cancel_scope.cancel()
+
+
+ALL_STATES = (st.QUEUED, st.PARKED, st.WAIT_PAY, st.DONE, st.CANCELLED, st.MANUAL, st.SPLIT)
+
+
+async def all_orders(store) -> dict[str, Any]:
+    """Every stored order by number, read page by page through the store port."""
+    rows = {}
+    for state in ALL_STATES:
+        after = ""
+        while page := await store.in_state(state, 1000, after):
+            rows.update((r.order_no, r) for r in page)
+            after = page[-1].order_no
+    return rows
