@@ -245,8 +245,9 @@ class Api:
 
     @contextlib.asynccontextmanager
     async def _one_at_a_time(self, order_no: str) -> AsyncIterator[None]:
-        """Requests that release an order (payment, replay) run one after another per order:
-        `Pipeline.release` reads, then checkpoints, and two at once would both release it."""
+        """Requests that release an order (payment, replay) run one after another per order.
+        The store's compare-and-set already stops a second release; this makes the second copy
+        of a payment find the first booked and answer "duplicate" rather than "conflict"."""
         entry = self._busy.get(order_no)
         if entry is None:
             entry = self._busy[order_no] = [asyncio.Lock(), 0]

@@ -218,12 +218,10 @@ class Pipeline:
     async def release(self, order_no: str, reason: str, change: Callable[[Order], None] | None = None) -> bool:
         """Start an order that was waiting: paid (WAIT_PAY -> PAID -> IN_FULFILMENT) or
         replayed from the exception centre (MANUAL_REVIEW -> IN_FULFILMENT)."""
-        stored = await self.store.get(order_no)
-        if stored is None or stored.state not in (st.WAIT_PAY, st.MANUAL) or order_no in self.in_flight:
+        loaded = await self._load_resting(order_no, (st.WAIT_PAY, st.MANUAL), change)
+        if loaded is None:
             return False
-        order = order_codec.decode(stored.doc)
-        if change is not None:
-            change(order)
+        stored, order = loaded
         now = self.clock.now()
         events: list[Event] = []
         first = IN_FULFILMENT not in order.timestamps
@@ -247,12 +245,10 @@ class Pipeline:
         """Send an order waiting for payment to the exception centre (WAIT_PAY -> MANUAL_REVIEW):
         a payment that needs a person, e.g. its amount differs from the payable. Compare-and-set
         like `release`; a replay from the exception centre then starts the order."""
-        stored = await self.store.get(order_no)
-        if stored is None or stored.state != st.WAIT_PAY or order_no in self.in_flight:
+        loaded = await self._load_resting(order_no, (st.WAIT_PAY,), change)
+        if loaded is None:
             return False
-        order = order_codec.decode(stored.doc)
-        if change is not None:
-            change(order)
+        stored, order = loaded
         now = self.clock.now()
         job = Job(order, self.route_of(order), stored.stage, 0, now)
         record = self._record(job, "payment", "manual", reason, st.MANUAL, stored.stage, None, now)
@@ -266,11 +262,10 @@ class Pipeline:
         """Record a fact about an order that does not move it (a payment arriving after it was
         cancelled): the document changes and the history gets a row `payment / outcome /
         reason`, in one compare-and-set checkpoint on its current runtime state."""
-        stored = await self.store.get(order_no)
-        if stored is None or stored.state != expect_state or order_no in self.in_flight:
+        loaded = await self._load_resting(order_no, (expect_state,), change)
+        if loaded is None:
             return False
-        order = order_codec.decode(stored.doc)
-        change(order)
+        stored, order = loaded
         record = Checkpoint(order_no, "payment", outcome, reason, self.clock.now(), stored.state, stored.stage,
                             stored.status, stored.attempts, stored.wake_at, order_codec.encode(order))
         return await self.store.checkpoint_if(record, expect_state)
@@ -279,10 +274,10 @@ class Pipeline:
         """The pay deadline passed: cancel the order if, and only if, it is still unpaid.
         Called by its timer, and by a payment that finds the deadline passed before the
         timer fired (seed 001: the real time decides). True if this call cancelled it."""
-        stored = await self.store.get(order_no)
-        if stored is None or stored.state != st.WAIT_PAY:
+        loaded = await self._load_resting(order_no, (st.WAIT_PAY,))
+        if loaded is None:
             return False  # paid (or cancelled) meanwhile: the timer is stale
-        order = order_codec.decode(stored.doc)
+        stored, order = loaded
         now = self.clock.now()
         if order.pay_deadline is not None and order.pay_deadline >= now:
             # Early (or exactly at the deadline, when a payment is still taken): come back at the
@@ -296,6 +291,18 @@ class Pipeline:
             self._end(job, routing.CANCELLED, "payment timeout")
             return True
         return False
+
+    async def _load_resting(self, order_no: str, expect: tuple[str, ...],
+                            change: Callable[[Order], None] | None = None) -> tuple[StoredOrder, Order] | None:
+        """An order at rest in one of `expect` (not being worked on here), decoded and changed;
+        None if it is elsewhere. The caller's checkpoint_if re-checks the state in the store."""
+        stored = await self.store.get(order_no)
+        if stored is None or stored.state not in expect or order_no in self.in_flight:
+            return None
+        order = order_codec.decode(stored.doc)
+        if change is not None:
+            change(order)
+        return stored, order
 
     async def _start(self, job: Job) -> None:
         await self._start_many([job])
