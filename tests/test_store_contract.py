@@ -143,3 +143,54 @@ async def test_checkpoint_if_applies_only_in_the_expected_state(store):
     got = await store.get("N1")
     assert (got.state, got.status) == (st.QUEUED, "PAID")
     assert [h.outcome for h in await store.history("N1")] == ["created", "release"]
+
+
+async def test_outbox_holds_events_and_commands_until_published(store):
+    event = st.Event("N1", "IN_FULFILMENT", "CANCELLED", 101.0)
+    await store.create([new("N1")])
+    await store.checkpoint([cp("N1", "a", st.CANCELLED, "@cancelled", events=(event,),
+                               commands=(st.Command("fms.refund", "N1:refund:1", b'{"amount":5}'),))])
+    assert await store.outbox_pending() == 2
+    rows = await store.outbox_claim("relay-1", 10, 30.0, 200.0)
+    assert [(r.order_no, r.topic, r.key) for r in rows] == [("N1", "order.cancelled", ""),
+                                                             ("N1", "fms.refund", "N1:refund:1")]
+    assert rows[1].payload == b'{"amount":5}'
+    assert rows[0].id < rows[1].id
+    # Claimed: another relay gets nothing within the lease, everything after it.
+    assert await store.outbox_claim("relay-2", 10, 30.0, 210.0) == []
+    assert len(await store.outbox_claim("relay-2", 10, 30.0, 240.0)) == 2
+    await store.outbox_done([rows[0].id], 241.0)
+    assert await store.outbox_pending() == 1
+    assert [r.key for r in await store.outbox_claim("relay-1", 10, 30.0, 300.0)] == ["N1:refund:1"]
+
+
+async def test_checkpoint_if_writes_its_outbox_rows_only_when_it_applies(store):
+    await store.create([new("N1")])
+    command = (st.Command("fms.refund", "N1:refund:1", b"{}"),)
+    assert not await store.checkpoint_if(cp("N1", "a", st.DONE, "@done", commands=command), st.PARKED)
+    assert await store.outbox_pending() == 0
+    assert await store.checkpoint_if(cp("N1", "a", st.DONE, "@done", commands=command), st.QUEUED)
+    assert await store.outbox_pending() == 1
+
+
+def reverse(no: str, order_no: str = "N1", key: str = "req-1", state: str = "requested") -> st.ReverseRecord:
+    return st.ReverseRecord(no, order_no, key, "cancel", state, 100.0, 100.0, b'{"r":1}')
+
+
+async def test_reverse_orders_are_unique_per_order_and_request_key(store):
+    await store.create([new("N1")])
+    assert await store.reverse_create(reverse("R1")) == ("R1", True)
+    assert await store.reverse_create(reverse("R2")) == ("R1", False)
+    assert await store.reverse_create(reverse("R3", key="req-2")) == ("R3", True)
+    assert [r.reverse_no for r in await store.reverse_of("N1")] == ["R1", "R3"]
+    assert await store.reverse_get("R2") is None
+
+
+async def test_reverse_orders_change_with_the_checkpoint_and_closed_ones_leave_the_open_list(store):
+    await store.create([new("N1")])
+    await store.reverse_create(reverse("R1"))
+    await store.reverse_create(reverse("R3", key="req-2"))
+    done = reverse("R1", state="done")._replace(updated_at=105.0, doc=b'{"r":2}')
+    await store.checkpoint([cp("N1", "reverse", st.CANCELLED, "@cancelled", reverse=(done,))])
+    assert await store.reverse_get("R1") == done
+    assert [r.reverse_no for r in await store.reverse_open()] == ["R3"]

@@ -6,7 +6,8 @@ contract, but nothing survives the process. With `checkpoints=False`
 """
 from __future__ import annotations
 
-from ..ports.store import ACTIVE_STATES, Checkpoint, Event, HistoryEntry, NewOrder, StoredOrder
+from ..ports.store import (ACTIVE_STATES, REVERSE_CLOSED, Checkpoint, Event, HistoryEntry, NewOrder, OutboxRow,
+                           ReverseRecord, StoredOrder, outbox_entries)
 
 
 class MemoryStore:
@@ -21,6 +22,11 @@ class MemoryStore:
         self._created_at: dict[str, float] = {}
         self._children: dict[str, list[str]] = {}
         self._members: dict[str, str] = {}
+        self._outbox: dict[int, OutboxRow] = {}  # unpublished rows only
+        self._claims: dict[int, tuple[str, float]] = {}  # row id -> (holder, claimed at)
+        self._outbox_ids = 0
+        self._reverse: dict[str, ReverseRecord] = {}
+        self._reverse_keys: dict[tuple[str, str], str] = {}
 
     async def open(self) -> None:
         pass
@@ -38,6 +44,7 @@ class MemoryStore:
         self._insert(order)
         self._log(HistoryEntry(order.order_no, "intake", "created", "", order.at))
         self._emit(order.events)
+        self._queue(outbox_entries(order.order_no, order.at, order.events))
         return order.order_no, True
 
     def _insert(self, o: NewOrder) -> None:
@@ -61,6 +68,9 @@ class MemoryStore:
                                                     updated_at=r.at)
             self._log(HistoryEntry(r.order_no, r.from_stage, r.outcome, r.reason, r.at))
             self._emit(r.events)
+            self._queue(outbox_entries(r.order_no, r.at, r.events, r.commands))
+            for reverse in r.reverse:
+                self._reverse[reverse.reverse_no] = reverse
             for child in r.children:
                 self._insert(child)
                 self._log(HistoryEntry(child.order_no, r.from_stage, "created", f"child of {r.order_no}", r.at))
@@ -115,6 +125,52 @@ class MemoryStore:
         first = self._sequences.get(name, 1)
         self._sequences[name] = first + size
         return first
+
+    def _queue(self, entries: list[tuple[str, str, str, bytes, float]]) -> None:
+        if not self.keep_history:
+            return  # the bare-runtime benchmark: nothing to publish
+        for entry in entries:
+            self._outbox_ids += 1
+            self._outbox[self._outbox_ids] = OutboxRow(self._outbox_ids, *entry)
+
+    async def outbox_claim(self, holder: str, limit: int, lease: float, now: float) -> list[OutboxRow]:
+        rows = []
+        for row_id, row in self._outbox.items():  # insertion order: oldest first
+            claim = self._claims.get(row_id)
+            if claim is not None and claim[0] != holder and claim[1] > now - lease:
+                continue
+            self._claims[row_id] = (holder, now)
+            rows.append(row)
+            if len(rows) == limit:
+                break
+        return rows
+
+    async def outbox_done(self, ids: list[int], now: float) -> None:
+        for row_id in ids:
+            self._outbox.pop(row_id, None)
+            self._claims.pop(row_id, None)
+
+    async def outbox_pending(self) -> int:
+        return len(self._outbox)
+
+    async def reverse_create(self, record: ReverseRecord) -> tuple[str, bool]:
+        existing = self._reverse_keys.get((record.order_no, record.request_key))
+        if existing is not None:
+            return existing, False
+        self._reverse_keys[(record.order_no, record.request_key)] = record.reverse_no
+        self._reverse[record.reverse_no] = record
+        return record.reverse_no, True
+
+    async def reverse_get(self, reverse_no: str) -> ReverseRecord | None:
+        return self._reverse.get(reverse_no)
+
+    async def reverse_of(self, order_no: str) -> list[ReverseRecord]:
+        return sorted((r for r in self._reverse.values() if r.order_no == order_no),
+                      key=lambda r: (r.created_at, r.reverse_no))
+
+    async def reverse_open(self, limit: int = 500, after: str = "") -> list[ReverseRecord]:
+        found = sorted(no for no, r in self._reverse.items() if no > after and r.state not in REVERSE_CLOSED)
+        return [self._reverse[no] for no in found[:limit]]
 
     async def counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}

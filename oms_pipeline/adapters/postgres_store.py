@@ -34,7 +34,8 @@ from typing import Any
 import asyncpg
 
 from .. import sqlfiles
-from ..ports.store import Checkpoint, Event, HistoryEntry, NewOrder, StoredOrder
+from ..ports.store import (Checkpoint, Event, HistoryEntry, NewOrder, OutboxRow, ReverseRecord, StoredOrder,
+                           outbox_entries)
 
 Q = sqlfiles.queries("postgres")
 ACQUIRE_TIMEOUT = 30.0  # never wait forever for a connection (PITFALLS 11)
@@ -142,6 +143,21 @@ class PostgresStore:
         # Rare (payments, timeouts, replays): its own small transaction, outside the group commit.
         return await self._transaction(lambda conn: _checkpoint_if(conn, record, expect_state))
 
+    async def outbox_claim(self, holder: str, limit: int, lease: float, now: float) -> list[OutboxRow]:
+        rows = await self._transaction(lambda conn: conn.fetch(Q["outbox_claim"], holder, now, now - lease, limit))
+        return sorted(OutboxRow(*r) for r in rows)
+
+    async def outbox_done(self, ids: list[int], now: float) -> None:
+        if ids:
+            await self._transaction(lambda conn: conn.execute(Q["outbox_done"], ids, now))
+
+    async def reverse_create(self, record: ReverseRecord) -> tuple[str, bool]:
+        async def insert(conn: asyncpg.Connection) -> tuple[str, bool]:
+            if await conn.fetchval(Q["reverse_insert"], *record) is not None:
+                return record.reverse_no, True
+            return await conn.fetchval(Q["reverse_by_key"], record.order_no, record.request_key), False
+        return await self._transaction(insert)
+
     async def _write(self, op: str, arg: Any) -> Any:
         if self._pool is None:
             raise RuntimeError("the store is not open")
@@ -233,6 +249,19 @@ class PostgresStore:
     async def counts(self) -> dict[str, int]:
         return {state: count for state, count in await self._rows("counts")}
 
+    async def outbox_pending(self) -> int:
+        return (await self._rows("outbox_pending"))[0][0]
+
+    async def reverse_get(self, reverse_no: str) -> ReverseRecord | None:
+        rows = await self._rows("reverse_get", reverse_no)
+        return ReverseRecord(*rows[0]) if rows else None
+
+    async def reverse_of(self, order_no: str) -> list[ReverseRecord]:
+        return [ReverseRecord(*r) for r in await self._rows("reverse_of", order_no)]
+
+    async def reverse_open(self, limit: int = 500, after: str = "") -> list[ReverseRecord]:
+        return [ReverseRecord(*r) for r in await self._rows("reverse_open", after, limit)]
+
 
 def _settle(requests: list[_Request], error: BaseException | None) -> None:
     for request in requests:
@@ -257,6 +286,8 @@ class _Rows:
     def __init__(self) -> None:
         self.history: list[tuple[str, str, str, str, float]] = []
         self.events: list[Event] = []
+        self.outbox: list[tuple[str, str, str, bytes, float]] = []
+        self.reverse: list[ReverseRecord] = []
 
 
 async def _write_batch(conn: asyncpg.Connection, batch: list[_Request]) -> None:
@@ -265,6 +296,7 @@ async def _write_batch(conn: asyncpg.Connection, batch: list[_Request]) -> None:
     await _checkpoint(conn, [r for r in batch if r.op == "checkpoint"], rows)
     await _insert(conn, "add_history", rows.history)
     await _insert(conn, "add_events", rows.events)
+    await _side_rows(conn, rows)
     for request in batch:
         if request.op == "next_block":
             request.result = await _next_block(conn, *request.arg)
@@ -288,6 +320,7 @@ async def _create(conn: asyncpg.Connection, requests: list[_Request], rows: _Row
         if order.order_no in inserted:
             rows.history.append((order.order_no, "intake", "created", "", order.at))
             rows.events.extend(order.events)
+            rows.outbox.extend(outbox_entries(order.order_no, order.at, order.events))
 
 
 def _created(order: NewOrder, numbers: dict, inserted: set[str], seen: set) -> tuple[str, bool]:
@@ -315,6 +348,21 @@ async def _checkpoint(conn: asyncpg.Connection, requests: list[_Request], rows: 
     await conn.execute(Q["checkpoint_orders"], *_columns(updates))
     rows.history.extend((r.order_no, r.from_stage, r.outcome, r.reason, r.at) for r in records)
     rows.events.extend(event for r in records for event in r.events)
+    _gather_side_rows(records, rows)
+
+
+def _gather_side_rows(records: list[Checkpoint], rows: _Rows) -> None:
+    for r in records:
+        if r.events or r.commands:
+            rows.outbox.extend(outbox_entries(r.order_no, r.at, r.events, r.commands))
+        rows.reverse.extend(r.reverse)
+
+
+async def _side_rows(conn: asyncpg.Connection, rows: _Rows) -> None:
+    """The outbox rows and reverse orders written with the batch."""
+    await _insert(conn, "add_outbox", rows.outbox)
+    if rows.reverse:
+        await conn.executemany(Q["reverse_upsert"], rows.reverse)
 
 
 async def _children(conn: asyncpg.Connection, records: list[Checkpoint], rows: _Rows) -> None:
@@ -351,6 +399,9 @@ async def _checkpoint_if(conn: asyncpg.Connection, r: Checkpoint, expect_state: 
         return False
     await _insert(conn, "add_history", [(r.order_no, r.from_stage, r.outcome, r.reason, r.at)])
     await _insert(conn, "add_events", list(r.events))
+    rows = _Rows()
+    _gather_side_rows([r], rows)
+    await _side_rows(conn, rows)
     return True
 
 

@@ -26,7 +26,8 @@ from typing import Any, Callable
 import orjson
 
 from .. import sqlfiles
-from ..ports.store import Checkpoint, Event, HistoryEntry, NewOrder, StoredOrder
+from ..ports.store import (Checkpoint, Event, HistoryEntry, NewOrder, OutboxRow, ReverseRecord, StoredOrder,
+                           outbox_entries)
 
 Q = sqlfiles.queries("sqlite")
 
@@ -110,6 +111,16 @@ class SqliteStore:
     async def checkpoint_if(self, record: Checkpoint, expect_state: str) -> bool:
         return await self._write(_checkpoint_if, (record, expect_state))
 
+    async def outbox_claim(self, holder: str, limit: int, lease: float, now: float) -> list[OutboxRow]:
+        rows = await self._write(_claim, (holder, now, now - lease, limit))
+        return sorted(OutboxRow(*r) for r in rows)
+
+    async def outbox_done(self, ids: list[int], now: float) -> None:
+        await self._write(_outbox_done, (ids, now))
+
+    async def reverse_create(self, record: ReverseRecord) -> tuple[str, bool]:
+        return await self._write(_reverse_create, record)
+
     async def _write(self, op: Callable, arg: Any) -> Any:
         if self._conn is None:
             raise RuntimeError("the store is not open")
@@ -178,6 +189,19 @@ class SqliteStore:
     async def counts(self) -> dict[str, int]:
         return dict(await self._rows(Q["counts"]))
 
+    async def outbox_pending(self) -> int:
+        return (await self._rows(Q["outbox_pending"]))[0][0]
+
+    async def reverse_get(self, reverse_no: str) -> ReverseRecord | None:
+        rows = await self._rows(Q["reverse_get"], reverse_no)
+        return ReverseRecord(*rows[0]) if rows else None
+
+    async def reverse_of(self, order_no: str) -> list[ReverseRecord]:
+        return [ReverseRecord(*r) for r in await self._rows(Q["reverse_of"], order_no)]
+
+    async def reverse_open(self, limit: int = 500, after: str = "") -> list[ReverseRecord]:
+        return [ReverseRecord(*r) for r in await self._rows(Q["reverse_open"], after, limit)]
+
 
 def _settle(requests: list[_Request], error: BaseException | None) -> None:
     for request in requests:
@@ -203,6 +227,7 @@ def _create_one(conn: sqlite3.Connection, order: NewOrder) -> tuple[str, bool]:
     if _insert_row(conn, order):
         conn.execute(Q["history"], (order.order_no, "intake", "created", "", order.at))
         conn.executemany(Q["add_event"], order.events)
+        conn.executemany(Q["add_outbox"], outbox_entries(order.order_no, order.at, order.events))
         return order.order_no, True
     return conn.execute(Q["order_no_by_external"], (order.source, order.external_id)).fetchone()[0], False
 
@@ -212,6 +237,7 @@ def _checkpoint(conn: sqlite3.Connection, records: list[Checkpoint]) -> None:
                                         r.at, r.order_no) for r in records])
     conn.executemany(Q["history"], [(r.order_no, r.from_stage, r.outcome, r.reason, r.at) for r in records])
     conn.executemany(Q["add_event"], [event for r in records for event in r.events])
+    _side_rows(conn, records)
     for r in records:
         for child in r.children:
             if _insert_row(conn, child):
@@ -226,7 +252,30 @@ def _checkpoint_if(conn: sqlite3.Connection, arg: tuple[Checkpoint, str]) -> boo
         return False
     conn.execute(Q["history"], (r.order_no, r.from_stage, r.outcome, r.reason, r.at))
     conn.executemany(Q["add_event"], r.events)
+    _side_rows(conn, [r])
     return True
+
+
+def _side_rows(conn: sqlite3.Connection, records: list[Checkpoint]) -> None:
+    """The outbox rows and reverse orders written with checkpoints."""
+    conn.executemany(Q["add_outbox"], [row for r in records
+                                       for row in outbox_entries(r.order_no, r.at, r.events, r.commands)])
+    conn.executemany(Q["reverse_upsert"], [reverse for r in records for reverse in r.reverse])
+
+
+def _claim(conn: sqlite3.Connection, arg: tuple[str, float, float, int]) -> list[tuple]:
+    return conn.execute(Q["outbox_claim"], arg).fetchall()
+
+
+def _outbox_done(conn: sqlite3.Connection, arg: tuple[list[int], float]) -> None:
+    ids, now = arg
+    conn.executemany(Q["outbox_done"], [(now, row_id) for row_id in ids])
+
+
+def _reverse_create(conn: sqlite3.Connection, record: ReverseRecord) -> tuple[str, bool]:
+    if conn.execute(Q["reverse_insert"], record).rowcount == 1:
+        return record.reverse_no, True
+    return conn.execute(Q["reverse_by_key"], (record.order_no, record.request_key)).fetchone()[0], False
 
 
 def _next_block(conn: sqlite3.Connection, arg: tuple[str, int]) -> int:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import NamedTuple, Protocol
 
+import orjson
+
 # Runtime states of an order (its business status is in the document).
 QUEUED = "queued"      # waiting for or running `stage`
 PARKED = "parked"      # resumes `stage` at wake_at (park or retry backoff)
@@ -17,8 +19,11 @@ DONE = "done"          # fulfilment handed over (dispatched)
 CANCELLED = "cancelled"
 MANUAL = "manual"      # exception centre: kept, visible, replayable
 SPLIT = "split"        # parent waiting for its children
+PAUSED = "paused"      # held by the reverse flow (a cancel or return is being decided)
 TERMINAL_STATES = frozenset({DONE, CANCELLED, SPLIT})
 ACTIVE_STATES = frozenset({QUEUED, PARKED, WAIT_PAY})
+# Reverse requests in these states are settled; the others are resumed after a restart.
+REVERSE_CLOSED = frozenset({"done", "refused"})
 
 
 class Event(NamedTuple):
@@ -28,6 +33,42 @@ class Event(NamedTuple):
     from_status: str
     to_status: str
     at: float
+
+
+class Command(NamedTuple):
+    """A downstream command (refund, restock, intercept answer...) written with a checkpoint,
+    in its transaction: the outbox. The relay delivers it at least once; `key` is its
+    idempotency key and message id, so a second delivery has no second effect."""
+
+    topic: str      # e.g. "fms.refund", "inventory.restock", "notify.requester"
+    key: str
+    payload: bytes  # a JSON object
+
+
+class OutboxRow(NamedTuple):
+    """An outbox entry waiting to be published: a Command, or a business Event as topic
+    "order.<status>" with key "" (its message id is "ORDERNO:event:ID")."""
+
+    id: int
+    order_no: str
+    topic: str
+    key: str
+    payload: bytes
+    at: float
+
+
+class ReverseRecord(NamedTuple):
+    """A reverse order (cancel, return, rejection, exchange, reissue, pull-back): a record of
+    its own, linked to the original by order number, unique per (order_no, request_key)."""
+
+    reverse_no: str
+    order_no: str
+    request_key: str
+    kind: str
+    state: str
+    created_at: float
+    updated_at: float
+    doc: bytes  # the request and what has been decided and done (JSON, oms_pipeline/reverse.py)
 
 
 class NewOrder(NamedTuple):
@@ -59,6 +100,8 @@ class Checkpoint(NamedTuple):
     doc: bytes
     children: tuple[NewOrder, ...] = ()
     events: tuple[Event, ...] = ()
+    commands: tuple[Command, ...] = ()
+    reverse: tuple[ReverseRecord, ...] = ()  # reverse orders written (inserted or updated) with it
 
 
 class StoredOrder(NamedTuple):
@@ -128,3 +171,44 @@ class Store(Protocol):
 
     async def counts(self) -> dict[str, int]:
         """Number of orders per runtime state."""
+
+    # -- the outbox ---------------------------------------------------------------
+
+    async def outbox_claim(self, holder: str, limit: int, lease: float, now: float) -> list[OutboxRow]:
+        """The oldest unpublished rows not claimed by another holder in the last `lease`
+        seconds, claimed for `holder` (several relays share one outbox)."""
+
+    async def outbox_done(self, ids: list[int], now: float) -> None:
+        """Mark rows published."""
+
+    async def outbox_pending(self) -> int:
+        """Rows not yet published."""
+
+    # -- reverse orders -----------------------------------------------------------
+
+    async def reverse_create(self, record: ReverseRecord) -> tuple[str, bool]:
+        """Store a new reverse order; on a duplicate (order_no, request_key) the existing
+        one's number and False."""
+
+    async def reverse_get(self, reverse_no: str) -> ReverseRecord | None: ...
+
+    async def reverse_of(self, order_no: str) -> list[ReverseRecord]:
+        """An order's reverse orders, oldest first."""
+
+    async def reverse_open(self, limit: int = 500, after: str = "") -> list[ReverseRecord]:
+        """Reverse orders not in REVERSE_CLOSED, by number after `after` (resumed at start)."""
+
+
+def event_topic(status: str) -> str:
+    return f"order.{status.lower()}"
+
+
+def outbox_entries(order_no: str, at: float, events: tuple[Event, ...],
+                   commands: tuple[Command, ...] = ()) -> list[tuple[str, str, str, bytes, float]]:
+    """(order_no, topic, key, payload, at) rows for the outbox: each event, then each command.
+    Shared by the store adapters so every one publishes the same messages."""
+    rows = [(e.order_no, event_topic(e.to_status), "",
+             orjson.dumps({"order_no": e.order_no, "from": e.from_status, "to": e.to_status, "at": e.at}), e.at)
+            for e in events]
+    rows.extend((order_no, c.topic, c.key, c.payload, at) for c in commands)
+    return rows

@@ -133,3 +133,52 @@ WHERE ($1::text = '' OR member_id = $1::text)
   AND ($3::text = '' OR state = $3::text)
   AND order_no > $4
 ORDER BY order_no LIMIT $5;
+
+-- name: add_outbox
+INSERT INTO outbox (order_no, topic, key, payload, at)
+SELECT x.order_no, x.topic, x.key, x.payload, x.at
+FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::float8[])
+     WITH ORDINALITY AS x(order_no, topic, key, payload, at, position)
+ORDER BY x.position;
+
+-- name: outbox_claim
+-- Unpublished rows not claimed by another relay since $3 (its lease); SKIP
+-- LOCKED lets relays of several instances claim side by side.
+UPDATE outbox SET claimed_by = $1, claimed_at = $2
+WHERE id IN (SELECT id FROM outbox
+             WHERE published_at IS NULL AND (claimed_by IS NULL OR claimed_by = $1 OR claimed_at < $3)
+             ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED)
+RETURNING id, order_no, topic, key, payload, at;
+
+-- name: outbox_done
+UPDATE outbox SET published_at = $2 WHERE id = ANY ($1::bigint[]);
+
+-- name: outbox_pending
+SELECT count(*) FROM outbox WHERE published_at IS NULL;
+
+-- name: reverse_insert
+INSERT INTO reverse_orders (reverse_no, order_no, request_key, kind, state, created_at, updated_at, doc)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+ON CONFLICT (order_no, request_key) DO NOTHING
+RETURNING reverse_no;
+
+-- name: reverse_upsert
+INSERT INTO reverse_orders (reverse_no, order_no, request_key, kind, state, created_at, updated_at, doc)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+ON CONFLICT (reverse_no) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at,
+                                       doc = excluded.doc;
+
+-- name: reverse_by_key
+SELECT reverse_no FROM reverse_orders WHERE order_no = $1 AND request_key = $2;
+
+-- name: reverse_get
+SELECT reverse_no, order_no, request_key, kind, state, created_at, updated_at, doc
+FROM reverse_orders WHERE reverse_no = $1;
+
+-- name: reverse_of
+SELECT reverse_no, order_no, request_key, kind, state, created_at, updated_at, doc
+FROM reverse_orders WHERE order_no = $1 ORDER BY created_at, reverse_no;
+
+-- name: reverse_open
+SELECT reverse_no, order_no, request_key, kind, state, created_at, updated_at, doc
+FROM reverse_orders WHERE state NOT IN ('done', 'refused') AND reverse_no > $1 ORDER BY reverse_no LIMIT $2;

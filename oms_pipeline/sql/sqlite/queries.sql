@@ -63,3 +63,46 @@ WHERE (?1 = '' OR member_id = ?1)
   AND (?3 = '' OR state = ?3)
   AND order_no > ?4
 ORDER BY order_no LIMIT ?5;
+
+-- name: add_outbox
+INSERT INTO outbox (order_no, topic, key, payload, at) VALUES (?, ?, ?, ?, ?);
+
+-- name: outbox_claim
+-- Rows unpublished and not claimed by another relay since ?3 (its lease).
+UPDATE outbox SET claimed_by = ?1, claimed_at = ?2
+WHERE id IN (SELECT id FROM outbox
+             WHERE published_at IS NULL AND (claimed_by IS NULL OR claimed_by = ?1 OR claimed_at < ?3)
+             ORDER BY id LIMIT ?4)
+RETURNING id, order_no, topic, key, payload, at;
+
+-- name: outbox_done
+UPDATE outbox SET published_at = ? WHERE id = ?;
+
+-- name: outbox_pending
+SELECT count(*) FROM outbox WHERE published_at IS NULL;
+
+-- name: reverse_insert
+INSERT INTO reverse_orders (reverse_no, order_no, request_key, kind, state, created_at, updated_at, doc)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (order_no, request_key) DO NOTHING;
+
+-- name: reverse_upsert
+INSERT INTO reverse_orders (reverse_no, order_no, request_key, kind, state, created_at, updated_at, doc)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (reverse_no) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at,
+                                       doc = excluded.doc;
+
+-- name: reverse_by_key
+SELECT reverse_no FROM reverse_orders WHERE order_no = ? AND request_key = ?;
+
+-- name: reverse_get
+SELECT reverse_no, order_no, request_key, kind, state, created_at, updated_at, doc
+FROM reverse_orders WHERE reverse_no = ?;
+
+-- name: reverse_of
+SELECT reverse_no, order_no, request_key, kind, state, created_at, updated_at, doc
+FROM reverse_orders WHERE order_no = ? ORDER BY created_at, reverse_no;
+
+-- name: reverse_open
+SELECT reverse_no, order_no, request_key, kind, state, created_at, updated_at, doc
+FROM reverse_orders WHERE state NOT IN ('done', 'refused') AND reverse_no > ? ORDER BY reverse_no LIMIT ?;
