@@ -16,9 +16,8 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 import orjson
 from aiohttp import web
-from pydantic import ValidationError
 
-from . import logs, schemas, states
+from . import logs, reverse, schemas, states
 from .order import KINDS, Order, decode
 from .outcome import TransientError
 from .pipeline import ShuttingDown
@@ -28,7 +27,7 @@ from .stock import StockUnavailable
 log = logging.getLogger("oms.api")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_PAGE = 500
-RUNTIME_STATES = (st.QUEUED, st.PARKED, st.WAIT_PAY, st.DONE, st.CANCELLED, st.MANUAL, st.SPLIT)
+RUNTIME_STATES = (st.QUEUED, st.PARKED, st.WAIT_PAY, st.DONE, st.CANCELLED, st.MANUAL, st.SPLIT, st.PAUSED)
 LIST_PARAMS = ("member", "status", "tab", "state", "limit", "cursor")
 # Every route: (method, path, Api method). The OpenAPI document (openapi.py) covers exactly these.
 ROUTES = (
@@ -36,6 +35,12 @@ ROUTES = (
     ("GET", "/orders", "list_orders"),
     ("GET", "/orders/{no}", "get_order"),
     ("GET", "/orders/{no}/can-pay", "can_pay"),
+    ("POST", "/orders/{no}/cancel", "cancel"),
+    ("POST", "/orders/{no}/returns", "returns"),
+    ("GET", "/orders/{no}/reverse", "reverse_of"),
+    ("GET", "/reverse/{rno}", "reverse_one"),
+    ("POST", "/reverse/{rno}/decision", "decision"),
+    ("POST", "/reports", "report"),
     ("POST", "/payments", "payment"),
     ("GET", "/exceptions", "exceptions"),
     ("POST", "/exceptions/{no}/replay", "replay"),
@@ -113,17 +118,8 @@ async def body_json(request: web.Request) -> Any:
         raise BadInput([{"path": "$", "reason": f"not valid JSON: {exc}"}]) from None
 
 
-class BadInput(Exception):
-    def __init__(self, errors: list[dict[str, Any]]) -> None:
-        super().__init__(errors)
-        self.errors = errors
-
-
-def validate(model: type, data: Any) -> Any:
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise BadInput(schemas.errors(exc)) from None
+BadInput = schemas.Invalid  # the broker intake rejects with the same errors (dead-letter reason)
+validate = schemas.validate
 
 
 class Api:
@@ -149,10 +145,9 @@ class Api:
         return web_app
 
     async def create_order(self, request: web.Request) -> web.Response:
-        order = validate(schemas.OrderIn, await body_json(request))
-        if len(order.lines) > self.app.settings.intake.max_lines:
-            raise BadInput([{"path": "lines", "reason": f"more than {self.app.settings.intake.max_lines} lines"}])
-        created = (await self.app.intake.create([order.model_dump(mode="json", exclude_none=True)]))[0]
+        # The same two calls as the broker's intake queue (oms_pipeline/intake_queues.py).
+        order = self.app.intake.request(await body_json(request))
+        created = (await self.app.intake.create([order]))[0]
         if created.refused:
             return problem(409, created.refused)  # e.g. "out of stock: SKU@WH"; no order was created
         if not created.created:
@@ -350,6 +345,48 @@ class Api:
             answer = (True, "waiting for payment")
         return json_response({"order_no": no, "can_pay": answer[0], "reason": answer[1], "pay_deadline": deadline})
 
+    # -- the reverse flow (oms_pipeline/reverse.py) -----------------------------------
+
+    async def cancel(self, request: web.Request) -> web.Response:
+        body = await body_json(request)
+        if isinstance(body, dict) and body.get("kind", "cancel") != "cancel":
+            raise BadInput([{"path": "kind", "reason": "POST /orders/{no}/cancel takes cancels only "
+                                                      "(returns and the rest: POST /orders/{no}/returns)"}])
+        return await self._reverse(request.match_info["no"], validate(schemas.ReverseIn, body))
+
+    async def returns(self, request: web.Request) -> web.Response:
+        body = await body_json(request)
+        if isinstance(body, dict):
+            body = {"kind": "return", **body}
+            if body["kind"] == "cancel":
+                raise BadInput([{"path": "kind", "reason": "a cancel goes to POST /orders/{no}/cancel"}])
+        return await self._reverse(request.match_info["no"], validate(schemas.ReverseIn, body))
+
+    async def _reverse(self, order_no: str, req: schemas.ReverseIn) -> web.Response:
+        answer = await self.app.reverse.request(order_no, req)
+        return json_response(answer.body, answer.status)
+
+    async def reverse_of(self, request: web.Request) -> web.Response:
+        no = request.match_info["no"]
+        if await self.pipeline.store.get(no) is None:
+            return problem(404, f"no order {no}")
+        return json_response({"items": [reverse.view(r) for r in await self.pipeline.store.reverse_of(no)]})
+
+    async def reverse_one(self, request: web.Request) -> web.Response:
+        found = await self.pipeline.store.reverse_get(request.match_info["rno"])
+        if found is None:
+            return problem(404, f"no reverse order {request.match_info['rno']}")
+        return json_response(reverse.view(found))
+
+    async def decision(self, request: web.Request) -> web.Response:
+        d = validate(schemas.DecisionIn, await body_json(request))
+        answer = await self.app.reverse.decide(request.match_info["rno"], d.decision, d.by, d.note)
+        return json_response(answer.body, answer.status)
+
+    async def report(self, request: web.Request) -> web.Response:
+        answer = await self.app.reverse.report(validate(schemas.ReportIn, await body_json(request)))
+        return json_response(answer.body, answer.status)
+
     async def exceptions(self, request: web.Request) -> web.Response:
         rows = await self.pipeline.store.in_state(st.MANUAL, _limit(request), request.query.get("cursor", ""))
         items = []
@@ -393,6 +430,10 @@ class Api:
     async def readyz(self, request: web.Request) -> web.Response:
         if not self.ready:
             return problem(503, "not ready")
+        health = getattr(self.app, "health", None)  # probes cached for a second (oms_pipeline/health.py)
+        down = await health.unreachable() if health is not None else []
+        if down:
+            return problem(503, f"not ready: {', '.join(down)} unreachable", unreachable=down)
         return json_response({"status": "ready"})
 
 

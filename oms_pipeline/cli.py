@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from typing import Any, Iterable, Iterator
 
 import orjson
@@ -56,6 +57,20 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--amount", type=int, help="cents; default: the order's payable")
     s.set_defaults(run=cmd_pay)
 
+    s = sub.add_parser("cancel", help="cancel an order, whole or some lines (the reverse flow)")
+    _reverse_arguments(s)
+    s.add_argument("--source", default="customer_service", help="who asks (default customer_service)")
+    s.set_defaults(run=cmd_cancel)
+
+    s = sub.add_parser("return", help="after-sales: return, reject, exchange, reissue or pull-back")
+    _reverse_arguments(s)
+    s.add_argument("--kind", default="return", choices=("return", "reject", "exchange", "reissue", "pullback"))
+    s.add_argument("--source", default="buyer")
+    s.add_argument("--pickup", action="store_true", help="the carrier collects the goods")
+    s.add_argument("--mode", default="new_order", choices=("new_order", "wait_stock", "cancel"),
+                   help="pull-back: what becomes of it")
+    s.set_defaults(run=cmd_return)
+
     s = sub.add_parser("can-pay", help="may the cashier take a payment for an order now (and its deadline)")
     s.add_argument("order_no")
     s.add_argument("--json", action="store_true")
@@ -99,6 +114,11 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("migrate", help="apply the store's database migrations (the config's store.url)")
     s.add_argument("--config", help="config file (default: config/oms.toml)")
     s.set_defaults(run=cmd_migrate)
+
+    from .benchmark.command import add_arguments  # argparse only: the harness loads when it runs
+    s = add_arguments(sub.add_parser("bench", help="run a benchmark scenario (bench/scenarios) and write "
+                                                   "JSON, Markdown and PNG results"))
+    s.set_defaults(run=cmd_bench)
     return p
 
 
@@ -224,6 +244,59 @@ def cmd_pay(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _reverse_arguments(s: argparse.ArgumentParser) -> None:
+    s.add_argument("order_no")
+    s.add_argument("--reason", default="", help="why (kept on the reverse order)")
+    s.add_argument("--lines", type=_lines, help="LINE:QTY,... (default: the whole order)")
+    s.add_argument("--request-id", help="makes a retry the same request (default: one per call)")
+    s.add_argument("--json", action="store_true")
+
+
+def _lines(text: str) -> list[dict[str, int]]:
+    try:
+        pairs = [part.split(":") for part in text.split(",")]
+        return [{"line_no": int(no), "qty": int(qty)} for no, qty in pairs]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LINE:QTY[,LINE:QTY...], e.g. 1:2,3:1") from None
+
+
+def _reverse_body(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
+    body = {"request_id": args.request_id or f"cli-{uuid.uuid4().hex[:12]}", "source": args.source, **extra}
+    if args.reason:
+        body["reason"] = args.reason
+    if args.lines:
+        body["lines"] = args.lines
+    return body
+
+
+def _show_reverse(args: argparse.Namespace, body: dict[str, Any]) -> int:
+    text = f"{body['order_no']}: {body['kind']} {body['reverse_no']} {body['state']}"
+    if body.get("result"):
+        text += f": {body['result']}"
+    if body.get("refund"):
+        text += f" (refund {body['refund']} cents)"
+    if body.get("new_order_no"):
+        text += f"; new order {body['new_order_no']}"
+    return emit(body, args.json, text)
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    body = ok(*request(args, "POST", f"/orders/{args.order_no}/cancel", _reverse_body(args)))
+    return _show_reverse(args, body) if body["state"] != "refused" else _refused(args, body)
+
+
+def cmd_return(args: argparse.Namespace) -> int:
+    extra = {"kind": args.kind, "pickup": args.pickup, "mode": args.mode}
+    body = ok(*request(args, "POST", f"/orders/{args.order_no}/returns", _reverse_body(args, **extra)))
+    return _show_reverse(args, body) if body["state"] != "refused" else _refused(args, body)
+
+
+def _refused(args: argparse.Namespace, body: dict[str, Any]) -> int:
+    if args.json:
+        print(json.dumps(body, ensure_ascii=False, indent=2))
+    raise Failure(f"{body['order_no']}: {body['kind']} refused: {body['result']}")
+
+
 def cmd_can_pay(args: argparse.Namespace) -> int:
     body = ok(*request(args, "GET", f"/orders/{args.order_no}/can-pay"))
     deadline = body["pay_deadline"]
@@ -318,6 +391,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         return EXIT_FAIL
     print("\n".join(f"applied {name}" for name in applied) or "up to date")
     return EXIT_OK
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .benchmark.command import run
+    return run(args)
 
 
 def _migrate(url: str, synchronous: str) -> list[str]:

@@ -105,6 +105,13 @@ class MetricsSettings(_Frozen):
 class IntakeSettings(_Frozen):
     max_lines: Positive = 200
     queue: Positive = 2000  # orders accepted but not yet in the first stage
+    # RabbitMQ intake queues (broker.url amqp://; oms_pipeline/adapters/rabbitmq_intake.py).
+    prefetch: Positive = 500  # unacked deliveries per queue: what the daemon holds when the pipeline is full
+    batch: Positive = 250  # most messages one handler call takes (orders: one create)
+    workers: Positive = 2  # handler calls in flight per queue
+    delivery_limit: Positive = 5  # attempts at a message that keeps failing before it is dead-lettered
+    # Seconds before retry n (the last one repeats): one TTL queue per distinct delay.
+    retry_delays: Annotated[tuple[PositiveFloat, ...], msgspec.Meta(min_length=1)] = (1.0, 5.0, 30.0)
 
 
 class PaymentSettings(_Frozen):
@@ -129,6 +136,32 @@ class StockSettings(_Frozen):
         return max([payment.timeout, *payment.timeout_by_kind.values()]) + 300.0
 
 
+class ReverseSettings(_Frozen):
+    # Once an order with this flag (or of this kind) has passed the stage, a buyer's or seller's
+    # cancel is refused (customer service, risk and arbitration may still cancel).
+    no_cancel_after: dict[str, str] = msgspec.field(default_factory=lambda: {"o2o_pickup": "dispatch_wms"})
+    refund_freight_on_return: bool = False  # a cancel always gives freight back; a return by policy
+    return_approval: Literal["auto", "merchant"] = "auto"  # merchant: a person approves each return
+    retry_interval: PositiveFloat = 5.0  # seconds between attempts at requests that could not finish
+
+
+class RelaySettings(_Frozen):
+    """The outbox relay (oms_pipeline/relay.py) and, on RabbitMQ, the consumer that hands the
+    published commands to the simulated downstream systems (adapters/rabbitmq_downstream.py)."""
+
+    batch: Positive = 500  # outbox rows per claim; on RabbitMQ all of them are in flight at once
+    lanes: Positive = 2  # claim-publish loops side by side (one publishes while another waits for confirms)
+    lease: PositiveFloat = 30.0  # seconds a claim keeps other instances off the rows (a dead relay's lapse)
+    idle_sleep: PositiveFloat = 0.2  # longest pause between polls of an empty outbox
+    max_backoff: PositiveFloat = 60.0  # longest wait before retrying a failed batch or a refused row
+    confirm_timeout: PositiveFloat = 10.0  # seconds a publish may wait for the broker's confirm
+    mandatory_events: bool = False  # true: an event no queue is bound for is an error and stays in the outbox
+    concurrency: Positive = 32  # embedded: commands applied at once in-process
+    downstream_prefetch: Positive = 200  # RabbitMQ consumer: unacked commands held (and applied at once)
+    downstream_max_retries: Annotated[int, msgspec.Meta(ge=0)] = 5  # transient failures before dead-lettering
+    downstream_retry_delay: PositiveFloat = 0.5  # seconds before the first retry, doubling (capped at 30)
+
+
 class RoutingSettings(_Frozen):
     file: str = "routes.toml"  # relative to the config file
 
@@ -143,6 +176,8 @@ class Settings(_Frozen):
     intake: IntakeSettings = IntakeSettings()
     payment: PaymentSettings = PaymentSettings()
     stock: StockSettings = StockSettings()
+    reverse: ReverseSettings = ReverseSettings()
+    relay: RelaySettings = RelaySettings()
     routing: RoutingSettings = RoutingSettings()
     stage_defaults: StageDefaults = StageDefaults()
     stages: dict[str, StageSettings] = {}

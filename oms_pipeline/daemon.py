@@ -13,18 +13,20 @@ import gc
 import logging
 import signal
 import sys
+import time
 from typing import Any
 
 import anyio
 from aiohttp import web
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.exposition import start_http_server
+from prometheus_client.registry import Collector
 
 from . import app as app_module
 from . import config, logs
 from .api import Api
 from .config import ConfigError, Settings
-from .metrics import PipelineCollector
+from .metrics import PipelineCollector, RelayCollector
 from .systemd import Notifier, watchdog_interval
 
 log = logging.getLogger("oms.daemon")
@@ -56,13 +58,14 @@ class Signals:
         return await self._receive.receive()
 
 
-def start_metrics(settings: Settings, collector: PipelineCollector) -> tuple[Any, Any] | None:
+def start_metrics(settings: Settings, *collectors: Collector) -> tuple[Any, Any] | None:
     if not settings.metrics.port:
         return None
     registry = CollectorRegistry()
     for extra in (ProcessCollector, PlatformCollector, GCCollector):
         extra(registry=registry)
-    registry.register(collector)
+    for collector in collectors:
+        registry.register(collector)
     return start_http_server(settings.metrics.port, settings.metrics.host, registry=registry)
 
 
@@ -104,7 +107,8 @@ async def _run(app: Any, config_path: str | None) -> int:
         await runner.setup()
         http = app.settings.http
         await web.TCPSite(runner, http.host, http.port, reuse_address=True).start()
-        metrics = start_metrics(app.settings, PipelineCollector(pipeline))
+        intake_counts = getattr(app.broker_intake, "counts", None)
+        metrics = start_metrics(app.settings, PipelineCollector(pipeline, intake_counts), RelayCollector(app.relay))
         tg.start_soon(_heartbeat, app, notifier)
         api.ready = True
         notifier.ready(f"serving on {http.host}:{http.port}")
@@ -117,7 +121,10 @@ async def _run(app: Any, config_path: str | None) -> int:
         log.info("draining", extra={"event": "drain", "signal": signal.Signals(signum).name,
                                     "grace": app.settings.daemon.shutdown_grace})
         await runner.shutdown()  # stop intake: no new connections, no new requests
-        code = await _drain(pipeline, signals, app.settings.daemon.shutdown_grace)
+        grace, started = app.settings.daemon.shutdown_grace, time.monotonic()
+        if app.broker_intake is not None:  # and the broker's: consumers cancelled, then what was delivered
+            await app.broker_intake.stop(grace)
+        code = await _drain(pipeline, signals, max(0.0, grace - (time.monotonic() - started)), app.relay)
         await runner.cleanup()
         if metrics is not None:
             metrics[0].shutdown()
@@ -125,8 +132,9 @@ async def _run(app: Any, config_path: str | None) -> int:
     return code
 
 
-async def _drain(pipeline: Any, signals: Signals, grace: float) -> int:
+async def _drain(pipeline: Any, signals: Signals, grace: float, relay: Any = None) -> int:
     code = EXIT_OK
+    deadline = time.monotonic() + grace
     async with anyio.create_task_group() as tg:
         async def abort_on_second_signal() -> None:
             nonlocal code
@@ -142,6 +150,8 @@ async def _drain(pipeline: Any, signals: Signals, grace: float) -> int:
         if not finished:
             log.warning("grace period over: unfinished stage work resumes after restart",
                         extra={"event": "grace_over", "grace": grace})
+        if relay is not None:  # what the last checkpoints wrote to the outbox goes out before we exit
+            await relay.drain(max(0.0, deadline - time.monotonic()))
         tg.cancel_scope.cancel()
     pipeline.stop()
     return code

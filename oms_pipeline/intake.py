@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Callable, NamedTuple
 
-from . import generator, states
+from . import generator, schemas, states
 from .config import Settings
 from .order import Order
 from .order_no import OrderNumbers
@@ -49,6 +49,15 @@ class Intake:
         self._available = 0
         self._numbers = OrderNumbers(daemon.order_no_key.encode(), daemon.instance_id,
                                      lambda n: self._blocks.popleft(), block=BLOCK)
+
+    def request(self, data: Any) -> dict[str, Any]:
+        """A decoded request body checked against the order schema, as `create` takes it; raises
+        schemas.Invalid listing every field error. The API and the broker intake both call this."""
+        order = schemas.validate(schemas.OrderIn, data)
+        max_lines = self.settings.intake.max_lines
+        if len(order.lines) > max_lines:
+            raise schemas.Invalid([{"path": "lines", "reason": f"more than {max_lines} lines"}])
+        return order.model_dump(mode="json", exclude_none=True)
 
     async def _reserve_numbers(self, n: int) -> None:
         """Make sure n numbers are reserved: blocks come from the store, so a

@@ -8,7 +8,7 @@ when Prometheus scrapes.
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
                                     Metric)
@@ -77,9 +77,24 @@ class StageStats:
             processed[outcome.kind] += 1
 
 
+class IntakeCounts:
+    """Broker intake messages by (queue, result); results: accepted, duplicate, dead_lettered, retried."""
+
+    def __init__(self) -> None:
+        self.messages: dict[tuple[str, str], int] = {}
+
+    def add(self, queue: str, result: str, n: int = 1) -> None:
+        self.messages[(queue, result)] = self.messages.get((queue, result), 0) + n
+
+    @property
+    def dead_letters(self) -> int:
+        return sum(n for (_, result), n in self.messages.items() if result == "dead_lettered")
+
+
 class PipelineCollector(Collector):
-    def __init__(self, pipeline: "Pipeline") -> None:
+    def __init__(self, pipeline: "Pipeline", intake: IntakeCounts | None = None) -> None:
         self.pipeline = pipeline
+        self.intake = intake or IntakeCounts()  # none: the embedded default has no intake queues
 
     def collect(self) -> Iterable[Metric]:
         p = self.pipeline
@@ -108,6 +123,17 @@ class PipelineCollector(Collector):
             latency.add_metric([w.name], w.stats.latency.buckets(), w.stats.latency.sum)
         yield latency
         yield from self._pipeline_metrics(p)
+        yield from self._intake_metrics(self.intake)
+
+    @staticmethod
+    def _intake_metrics(intake: IntakeCounts) -> Iterable[Metric]:
+        messages = CounterMetricFamily("oms_intake_messages", "Broker intake messages handled, by queue and result.",
+                                       labels=["queue", "result"])
+        for (queue, result), n in sorted(intake.messages.items()):
+            messages.add_metric([queue, result], n)
+        yield messages
+        yield CounterMetricFamily("oms_dead_letters", "Messages the intake put on its dead-letter queue.",
+                                  value=intake.dead_letters)
 
     def _pipeline_metrics(self, p: "Pipeline") -> Iterable[Metric]:
         e2e = HistogramMetricFamily("oms_order_e2e_seconds",
@@ -136,3 +162,31 @@ def _stage_gauge(name: str, doc: str, values: Iterable[tuple[str, float]]) -> Ga
     for stage, value in values:
         family.add_metric([stage], value)
     return family
+
+
+class RelayCollector(Collector):
+    """The outbox relay's counts (oms_pipeline/relay.py); nothing when there is no relay."""
+
+    def __init__(self, relay: Any) -> None:
+        self.relay = relay
+
+    def collect(self) -> Iterable[Metric]:
+        if self.relay is None:
+            return
+        stats = self.relay.stats
+        yield GaugeMetricFamily("oms_outbox_pending", "Outbox rows not yet published (refreshed every few seconds).",
+                                value=stats.pending)
+        yield GaugeMetricFamily("oms_outbox_undeliverable",
+                                "Outbox rows held back as undeliverable (unroutable, refused), retried with backoff.",
+                                value=stats.undeliverable)
+        published = CounterMetricFamily("oms_outbox_published", "Outbox rows published and confirmed, by topic.",
+                                        labels=["topic"])
+        for topic, n in sorted(stats.published.items()):
+            published.add_metric([topic], n)
+        yield published
+        errors = CounterMetricFamily("oms_outbox_publish_errors",
+                                     "Failed publishes, by kind: unavailable (a whole batch), transient (one row), "
+                                     "undeliverable (one row that cannot be delivered as it is).", labels=["kind"])
+        for kind in ("unavailable", "transient", "undeliverable"):
+            errors.add_metric([kind], stats.errors.get(kind, 0))
+        yield errors

@@ -171,8 +171,53 @@ class Health(_Answer):
     status: Literal["ok", "ready"]
 
 
+class NotReady(_Answer):
+    """Starting, draining, or a dependency (store, rabbitmq, redis) cannot be reached."""
+
+    error: str
+    unreachable: list[str] = []
+
+
+class ReverseView(_Answer):
+    """A reverse order (cancel, return, rejection, exchange, reissue, pull-back) and where it is."""
+
+    reverse_no: str
+    order_no: str
+    request_id: str
+    kind: Literal[schemas.REVERSE_KINDS]  # type: ignore[valid-type]
+    state: Literal["requested", "intercepting", "awaiting_merchant", "arbitration", "waiting_goods", "done",
+                   "refused"] = Field(
+        description="requested: being worked (or waiting to be retried); intercepting: the warehouse was asked "
+                    "to stop the dispatched order and its answer is awaited; awaiting_merchant / arbitration: a "
+                    "person decides (POST /reverse/{rno}/decision); waiting_goods: the goods are on their way "
+                    "back (POST /reports return_received); done or refused: settled")
+    source: str
+    reason: str
+    lines: dict[str, int] = Field(description="line number -> units; empty: the whole order")
+    result: str
+    refund: int = Field(description="cents given back through the payment channel so far")
+    new_order_no: str | None = Field(description="the new order an exchange, reissue or pull-back made")
+    notes: list[str]
+    created_at: float
+    updated_at: float
+    duplicate: bool | None = Field(None, description="on a request: true when this request id was sent before")
+
+
+class ReversePage(_Answer):
+    items: list[ReverseView]
+
+
+class ReportResult(_Answer):
+    order_no: str
+    status: Status
+    duplicate: bool = Field(description="true: the order had this status already; nothing changed")
+    noted: bool | None = Field(None, description="true: the order is in the reverse flow; the report changes "
+                                                 "nothing")
+
+
 ANSWERS: tuple[type[BaseModel], ...] = (Problem, ValidationProblem, Created, OrderView, OrderPage, PaymentResult,
-                                         CanPay, ExceptionPage, Replayed, Stats, Health)
+                                         CanPay, ExceptionPage, Replayed, Stats, Health, NotReady, ReverseView,
+                                         ReversePage, ReportResult)
 
 # -- paths ---------------------------------------------------------------------------------
 
@@ -231,6 +276,40 @@ deadline has passed (by the server's clock, even before the timeout has
 cancelled the order), and for cancelled, paid and not prepaid orders.
 """
 
+CANCEL = """\
+Cancel an order, whole or some lines (`lines`), for one of the sources (buyer,
+seller, WMS, TMS, risk, customer service, timeout, stock-out, arbitration). The
+`request_id` makes it idempotent: a repeated request is the same reverse order.
+
+The order's forward progress is paused at its next stage boundary. Not yet
+dispatched: cancelled at once (a partial cancel makes the order smaller and it
+goes on), money and stock given back. Dispatched: the warehouse is asked to
+intercept (`202`, state `intercepting`, settled by its report `intercepted` or
+`intercept_failed`); too late (or already shipped) the cancel becomes a return
+and waits for the goods (state `waiting_goods`). A buyer's or seller's cancel is
+refused (`state: refused`) once an order matching `reverse.no_cancel_after`
+(e.g. O2O pickup) has passed the configured stage; an unpaid order is cancelled
+whole only.
+"""
+
+RETURNS = """\
+After-sales requests for an order whose goods have left the warehouse: `return`
+(with `pickup` by the carrier), `reject` (refused at the door), `exchange` (a
+return plus a new order without payment), `reissue` (a new shipment, no
+payment), `pullback` (`mode`: a new order, one waiting for stock, or a cancel).
+Returns wait for the goods (`waiting_goods`, then `POST /reports`
+return_received), or for the merchant first when `reverse.return_approval` is
+`merchant`. A return refunds the allocated amounts of its lines (the promotion
+stays with the lines kept; freight by `reverse.refund_freight_on_return`).
+"""
+
+REVERSE_ANSWERS = {"200": ("ReverseView", "settled: done or refused (see `result`)"),
+                   "202": ("ReverseView", "under way: waiting for goods, a person, or a retry"),
+                   "404": ("Problem", "no such order"),
+                   "409": ("Problem", "this request_id was used for another kind of request"),
+                   "413": ("Problem", "body larger than http.max_body_bytes"),
+                   "422": ("ValidationProblem", "invalid request: every field with its reason")}
+
 PATHS: dict[tuple[str, str], dict[str, Any]] = {
     ("POST", "/orders"): {
         "summary": "Create an order (idempotent on source + external_id)", "description": CREATE,
@@ -254,6 +333,35 @@ PATHS: dict[tuple[str, str], dict[str, Any]] = {
         "summary": "May the cashier take a payment for this order now", "description": CAN_PAY,
         "answers": {"200": ("CanPay", "yes or no, why, and the pay deadline"),
                     "404": ("Problem", "no such order")}},
+    ("POST", "/orders/{no}/cancel"): {
+        "summary": "Cancel an order, whole or some lines", "description": CANCEL, "body": "ReverseIn",
+        "answers": REVERSE_ANSWERS},
+    ("POST", "/orders/{no}/returns"): {
+        "summary": "Return, rejection, exchange, reissue or pull-back", "description": RETURNS,
+        "body": "ReverseIn", "answers": REVERSE_ANSWERS},
+    ("GET", "/orders/{no}/reverse"): {
+        "summary": "An order's reverse orders, oldest first",
+        "answers": {"200": ("ReversePage", "the reverse orders"), "404": ("Problem", "no such order")}},
+    ("GET", "/reverse/{rno}"): {
+        "summary": "One reverse order",
+        "answers": {"200": ("ReverseView", "the reverse order"), "404": ("Problem", "no such reverse order")}},
+    ("POST", "/reverse/{rno}/decision"): {
+        "summary": "A merchant's decision on a return (refused: customer-service arbitration decides)",
+        "body": "DecisionIn",
+        "answers": {"200": ("ReverseView", "the reverse order after the decision"),
+                    "404": ("Problem", "no such reverse order"),
+                    "409": ("Problem", "the reverse order is not waiting for this decision"),
+                    "413": ("Problem", "body larger than http.max_body_bytes"),
+                    "422": ("ValidationProblem", "invalid request: every field with its reason")}},
+    ("POST", "/reports"): {
+        "summary": "A status report from WMS or TMS: outbound, delivered, rejected, return_received, "
+                   "intercepted, intercept_failed",
+        "body": "ReportIn",
+        "answers": {"200": ("ReportResult", "applied (or a duplicate)"),
+                    "404": ("Problem", "no such order"),
+                    "409": ("Problem", "the report does not apply to the order's status"),
+                    "413": ("Problem", "body larger than http.max_body_bytes"),
+                    "422": ("ValidationProblem", "invalid request: every field with its reason")}},
     ("POST", "/payments"): {
         "summary": "Payment notification", "description": PAY, "body": "PaymentIn",
         "answers": {"200": ("PaymentResult", ("booked and the order released into fulfilment, a duplicate, "
@@ -286,7 +394,7 @@ PATHS: dict[tuple[str, str], dict[str, Any]] = {
     ("GET", "/readyz"): {
         "summary": "Readiness", "open": True,
         "answers": {"200": ("Health", "ready for traffic"),
-                    "503": ("Problem", "starting or draining")}},
+                    "503": ("NotReady", "starting or draining, or a dependency is unreachable: which")}},
     ("GET", "/openapi.json"): {
         "summary": "This document",
         "answers": {"200": ("document", "the OpenAPI 3.1 document")}},
@@ -332,6 +440,9 @@ def _operation(method: str, path: str, spec: dict[str, Any], handler: str) -> di
     if "{no}" in path:
         params.append({"name": "no", "in": "path", "required": True, "description": "the order number",
                        "schema": {"type": "string"}})
+    if "{rno}" in path:
+        params.append({"name": "rno", "in": "path", "required": True, "description": "the reverse order number",
+                       "schema": {"type": "string"}})
     params += [{"name": name, "in": "query", "required": False, **QUERY[name]} for name in spec.get("query", ())]
     op["parameters"] = params
     if "body" in spec:
@@ -346,7 +457,8 @@ def _operation(method: str, path: str, spec: dict[str, Any], handler: str) -> di
 
 
 def _components() -> dict[str, Any]:
-    models = [(schemas.OrderIn, "validation"), (schemas.PaymentIn, "validation")]
+    models = [(model, "validation") for model in (schemas.OrderIn, schemas.PaymentIn, schemas.ReverseIn,
+                                                  schemas.DecisionIn, schemas.ReportIn)]
     models += [(model, "serialization") for model in ANSWERS]
     _, top = models_json_schema(models, ref_template=REF)
     found = dict(top["$defs"])

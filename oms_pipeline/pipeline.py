@@ -105,6 +105,12 @@ class Pipeline:
         self.workers = {name: StageWorker(spec, cfg, self)
                         for (name, spec), cfg in zip(self.specs.items(), stage_configs(settings, specs).values())}
         self.in_flight: set[str] = set()
+        # Orders the reverse flow asked to stop: each leaves the forward flow at its next stage
+        # boundary (state PAUSED) and the event is set once it is at rest (`pause`).
+        self.pausing: dict[str, anyio.Event] = {}
+        # The downstream commands a cancel owes (money and stock back: settlement.cancel_everything),
+        # written with the cancel's checkpoint whichever path cancels the order.
+        self.cancel_commands: Callable[[Order, str], list[st.Command]] = lambda order, reason: []
         self._open_children: dict[str, int] = {}  # split parents -> children not yet ended
         self._routes: dict[tuple[str, str], routing.Route] = {}
         self.finished: dict[str, int] = {}
@@ -345,7 +351,8 @@ class Pipeline:
                         queue = moves[target] = []
                     queue.append(job)
                     if persistent:
-                        records.append(self._record(job, stage, kind, outcome.reason, st.QUEUED, target, None, now))
+                        state = st.PAUSED if self.pausing and job.order.order_no in self.pausing else st.QUEUED
+                        records.append(self._record(job, stage, kind, outcome.reason, state, target, None, now))
                     continue
             else:
                 outcome, target, wake = self._divert(worker, job, outcome, now)
@@ -362,7 +369,7 @@ class Pipeline:
             if target in self.workers:
                 job.stage = target
                 moves.setdefault(target, []).append(job)
-                state = st.QUEUED
+                state = st.PAUSED if job.order.order_no in self.pausing else st.QUEUED
             else:
                 ends.append((job, target, outcome.reason))
                 state = END_STATES[target]
@@ -373,12 +380,15 @@ class Pipeline:
         if records:
             await self._checkpoint(records)
         for target, jobs in moves.items():
+            if self.pausing:
+                jobs = self._hold(jobs)
             if self._accepting:
                 await self.workers[target].queue.put_many(jobs)
             else:
-                self.in_flight.difference_update(j.order.order_no for j in jobs)  # resumes from the checkpoint
+                for job in jobs:
+                    self._leave(job.order.order_no)  # resumes from the checkpoint
         for job, wake in later:
-            self.in_flight.discard(job.order.order_no)
+            self._leave(job.order.order_no)
             await self.timers.schedule("resume", job.order.order_no, wake)
         for job, end, reason in ends:
             if end in self.workers:
@@ -386,6 +396,87 @@ class Pipeline:
             else:
                 self._end(job, end, reason)
         self._changed.set()
+
+    def _hold(self, jobs: list[Job]) -> list[Job]:
+        """Jobs the reverse flow asked to stop leave here (their checkpoint said PAUSED)."""
+        going = []
+        for job in jobs:
+            if job.order.order_no in self.pausing:
+                self._leave(job.order.order_no)
+            else:
+                going.append(job)
+        return going
+
+    async def hold_back(self, stage: str, batch: list[Job]) -> list[Job]:
+        """Called by a worker with the batch it took: orders the reverse flow asked to stop do not
+        run this stage; they are checkpointed PAUSED before it. Returns the rest."""
+        held = [job for job in batch if job.order.order_no in self.pausing]
+        if not held:
+            return batch
+        going = [job for job in batch if job.order.order_no not in self.pausing]
+        now = self.clock.now()
+        await self._checkpoint([self._record(job, stage, "pause", "reverse request", st.PAUSED, stage, None, now)
+                                for job in held])
+        for job in held:
+            self._leave(job.order.order_no)
+        return going
+
+    def _leave(self, order_no: str) -> None:
+        """The order is at rest: no longer worked on here; whoever waits to pause it goes on."""
+        self.in_flight.discard(order_no)
+        event = self.pausing.pop(order_no, None)
+        if event is not None:
+            event.set()
+
+    async def pause(self, order_no: str) -> StoredOrder | None:
+        """Stop an order's forward progress and take it to rest for the reverse flow: an order being
+        worked on stops at its next stage boundary; one at rest (parked, waiting for payment or a
+        person, dispatched) is moved to PAUSED by compare-and-set. Returns it PAUSED, or at rest
+        where pausing means nothing (cancelled, a split parent), or None if there is no such order.
+        The state it was paused from is in its document: results["paused_from"]."""
+        while True:
+            stored = await self.store.get(order_no)
+            if stored is None or stored.state in (st.PAUSED, st.CANCELLED, st.SPLIT):
+                return stored
+            if order_no in self.in_flight:
+                event = self.pausing.setdefault(order_no, anyio.Event())
+                await event.wait()
+                continue
+            order = order_codec.decode(stored.doc)
+            order.results["paused_from"] = stored.state
+            job = Job(order, self.route_of(order), stored.stage, stored.attempts, self.clock.now())
+            record = self._record(job, "reverse", "pause", "reverse request", st.PAUSED, stored.stage, None)
+            if await self.store.checkpoint_if(record, stored.state):
+                return await self.store.get(order_no)
+
+    async def unpause(self, order_no: str, reason: str, change: Callable[[Order], None] | None = None, *,
+                      commands: Iterable[st.Command] | Callable[[], Iterable[st.Command]] = (),
+                      reverse: Iterable[st.ReverseRecord] | Callable[[], Iterable[st.ReverseRecord]] = ()) -> bool:
+        """Give a PAUSED order back to where it was (a refused or partial cancel): queued orders go
+        on with their stage, parked ones wait again, the others rest where they were. `commands`
+        and `reverse` (or callables giving them, called after `change`) go with its checkpoint."""
+        loaded = await self._load_resting(order_no, (st.PAUSED,), change)
+        if loaded is None:
+            return False
+        stored, order = loaded
+        back = order.results.pop("paused_from", st.QUEUED)
+        back = st.QUEUED if back == st.PARKED else back  # its stage decides again whether to wait
+        now = self.clock.now()
+        events: list[Event] = []
+        if order.status == states.CANCEL_REQUESTED:
+            move(order, IN_FULFILMENT, now, events)
+        job = Job(order, self.route_of(order), stored.stage, stored.attempts, now)
+        record = Checkpoint(order_no, "reverse", "resume", reason, now, back, stored.stage, order.status,
+                            stored.attempts, stored.wake_at, order_codec.encode(order), (), tuple(events),
+                            tuple(commands() if callable(commands) else commands),
+                            tuple(reverse() if callable(reverse) else reverse))
+        if not await self.store.checkpoint_if(record, st.PAUSED):
+            return False
+        if back == st.QUEUED:
+            await self._start(job)
+        elif back == st.WAIT_PAY:
+            await self._arm_pay_deadline(order)
+        return True
 
     def _divert(self, worker: StageWorker, job: Job, outcome: Outcome, now: float) -> tuple[Outcome, str, float | None]:
         """Outcomes other than next/skip: (outcome, target, wake time if it waits)."""
@@ -425,13 +516,14 @@ class Pipeline:
                              c.order.kind, st.QUEUED, c.stage, c.order.status, now,
                              order_codec.encode(c.order), order.order_no, (), c.order.member_id)
                     for c in children)
+        commands = tuple(self.cancel_commands(order, reason or outcome)) if state == st.CANCELLED else ()
         return Checkpoint(order.order_no, stage, outcome, reason, now, state, target, order.status,
-                          job.attempts, wake, order_codec.encode(order), new, tuple(events))
+                          job.attempts, wake, order_codec.encode(order), new, tuple(events), commands)
 
     @staticmethod
     def _status(order: Order, state: str, outcome: str, now: float, events: list[Event]) -> None:
         """The business status that goes with a runtime state (the common case changes nothing)."""
-        if state == st.QUEUED and order.status == IN_FULFILMENT:
+        if state == st.QUEUED and order.status == IN_FULFILMENT or state == st.PAUSED:
             return
         if order.status == states.PARKED and outcome != "park":
             move(order, IN_FULFILMENT, now, events)  # woken up: back at work first
@@ -451,7 +543,7 @@ class Pipeline:
 
     def _end(self, job: Job, end: str, reason: str) -> None:
         order = job.order
-        self.in_flight.discard(order.order_no)
+        self._leave(order.order_no)
         self.finished[end] = self.finished.get(end, 0) + 1
         if end == routing.DONE:
             self.e2e.observe(max(0.0, self.clock.now() - job.started))

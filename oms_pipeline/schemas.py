@@ -112,3 +112,69 @@ def errors(exc: ValidationError) -> list[dict[str, Any]]:
             path, reason = reason.split(": ", 1)
         out.append({"path": path or "$", "reason": reason})
     return out
+
+
+REVERSE_KINDS = ("cancel", "return", "reject", "exchange", "reissue", "pullback")
+REVERSE_SOURCES = ("buyer", "seller", "wms", "tms", "risk", "customer_service", "timeout", "stock_out",
+                   "arbitration")
+REPORT_EVENTS = ("outbound", "delivered", "rejected", "return_received", "intercepted", "intercept_failed")
+
+
+class ReverseLineIn(_Strict):
+    line_no: Annotated[StrictInt, Field(ge=1)]
+    qty: Annotated[StrictInt, Field(ge=1, le=100_000)]
+
+
+class ReverseIn(_Strict):
+    """A reverse request: cancel, sales return, rejection, exchange, reissue or pull-back."""
+
+    request_id: Code  # the requester's id: a retried request is the same reverse order
+    kind: Literal[REVERSE_KINDS] = "cancel"  # type: ignore[valid-type]
+    source: Literal[REVERSE_SOURCES] = "buyer"  # type: ignore[valid-type]
+    reason: Text = ""
+    lines: list[ReverseLineIn] | None = None  # none: the whole order
+    pickup: StrictBool = False  # a return collected by the carrier
+    mode: Literal["new_order", "wait_stock", "cancel"] = "new_order"  # pull-back: what becomes of it
+
+    @model_validator(mode="after")
+    def _lines(self) -> "ReverseIn":
+        numbers = [line.line_no for line in self.lines or ()]
+        if len(numbers) != len(set(numbers)):
+            raise ValueError("lines: a line number appears twice")
+        if self.lines is not None and not self.lines:
+            raise ValueError("lines: empty (leave it out for the whole order)")
+        return self
+
+
+class ReportIn(_Strict):
+    """A status report from the warehouse or the carrier."""
+
+    order_no: Annotated[str, Field(pattern=r"^[0-9]{18}(-[0-9]{1,3})?$")]
+    event: Literal[REPORT_EVENTS]  # type: ignore[valid-type]
+    report_id: Code
+
+
+class DecisionIn(_Strict):
+    """A merchant's (or, on arbitration, customer service's) decision on a return."""
+
+    decision: Literal["approve", "refuse"]
+    by: Literal["merchant", "customer_service"] = "merchant"
+    note: Text = ""
+
+
+class Invalid(Exception):
+    """Input that will never be accepted as it is; `errors` lists each {path, reason}."""
+
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        super().__init__(errors)
+        self.errors = errors
+
+    def __str__(self) -> str:
+        return "; ".join(f"{e['path']}: {e['reason']}" for e in self.errors)
+
+
+def validate(model: type, data: Any) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise Invalid(errors(exc)) from None

@@ -15,13 +15,13 @@ try / confirm / cancel against the inventory port:
 * confirm (reserved -> sold): when the order first enters fulfilment, i.e. when
   it is paid (the pipeline's `on_start` hook) or right after intake for orders
   that need no payment (`Intake.create`).
-* cancel: a cancelled order gives its stock back (a pipeline end listener, the
-  least invasive way: every cancel, the payment timeout included, ends at
-  @cancelled and the pipeline stays unaware of stock). Never started (a payment
-  timeout): its reservations are released. Started (paid, or needing no
-  payment): its sale is restocked (sold -> sellable), unless something was
-  already dispatched, which makes it a return, not a cancel. A split child
-  gives back what its own lines hold of the parent's reservations.
+* cancel: a cancelled order gives its stock back, by commands written in the
+  outbox with the cancel's own checkpoint (oms_pipeline/settlement.py): never
+  started (a payment timeout) -> its reservations are released; started ->
+  the units are restocked (sold -> sellable), per line, keyed so each comes
+  back once, also after a crash between the cancel and the restock. A split
+  child gives back what its own lines hold of the parent's reservations
+  (`split` copies those records into the child).
 * expiry: a reservation still open `stock.reservation_ttl` after it was made is
   settled by the reconciler (`run`, started with the pipeline, every
   `stock.reconcile_interval`) against the store: no such order (the crash
@@ -41,20 +41,17 @@ own SKU (the bundle's sellable count); gift lines are only added after payment
 What the order remembers: `results["stock"] = {"lines": {line_no: [sku,
 warehouse, qty]}}`, written before the commit, so each cancel (also a split
 child's, through its parent) knows what it holds.
-
-Known gap: a crash after a started order's cancel was committed and before its
-restock leaves that stock sold (the reconciler only sees open reservations).
 """
 from __future__ import annotations
 
 import logging
-from collections import Counter, deque
+from collections import Counter
 from typing import Any
 
 import anyio
 
 from . import order as order_codec
-from . import routing, states
+from . import states
 from .config import Settings
 from .order import Order
 from .outcome import PermanentError, TransientError
@@ -63,8 +60,6 @@ from .ports import store as st
 log = logging.getLogger("oms.stock")
 
 PAGE = 500  # open reservations the reconciler reads at a time
-CANCEL_ATTEMPTS = 5  # a cancel's give-back is retried this often on transient inventory errors
-CANCEL_BACKOFF = 0.2  # seconds (real time) before the first retry, doubling
 
 
 class StockUnavailable(Exception):
@@ -115,11 +110,8 @@ class Stock:
         self.ttl = settings.stock.ttl(settings.payment)
         self.interval = settings.stock.reconcile_interval
         self.counts: Counter[str] = Counter()  # what was done, for tests and logs
-        self._cancelled: deque[Order] = deque()
-        self._queued = anyio.Event()
         self._reserved = anyio.Event()
-        self._lock = anyio.Lock()  # cancels and reconciler passes, one at a time
-        self._working = 0
+        self._lock = anyio.Lock()  # reconciler passes, one at a time
 
     # -- intake ---------------------------------------------------------------
 
@@ -173,64 +165,6 @@ class Stock:
                 log.warning("confirm failed; the reconciler will", extra={
                     "event": "stock_confirm_failed", "order_no": order.order_no, "key": key, "reason": str(exc)})
 
-    # -- cancel ---------------------------------------------------------------
-
-    def on_end(self, end: str, reason: str, order: Order) -> None:
-        """Pipeline listener: a cancelled order's stock is given back (by `run`, in order)."""
-        if end == routing.CANCELLED:
-            self._cancelled.append(order)
-            self._queued.set()
-
-    async def give_back(self, order: Order) -> None:
-        """What a cancelled order holds goes back to sellable (see the module docstring)."""
-        if order.children:
-            return  # a split parent: each child gave back its own lines
-        if order.results.get("dispatch_wms"):
-            log.warning("cancelled after dispatch: its stock comes back as a return", extra={
-                "event": "stock_not_restocked", "order_no": order.order_no})
-            return
-        if order.parent_no:
-            parent = await self.store.get(order.parent_no)
-            if parent is None:
-                return
-            source, root = order_codec.decode(parent.doc), order.parent_no
-            held = recorded(source, {line.line_no if line.bundle_of is None else line.bundle_of
-                                     for line in order.lines})
-        else:
-            root, held = order.order_no, recorded(order)
-        started = states.IN_FULFILMENT in order.timestamps
-        for (sku, warehouse), qty in held.items():
-            key = reservation_key(root, sku, warehouse)
-            if not started:
-                await self.inventory.release(key)
-                self.counts["released"] += 1
-                continue
-            try:
-                await self.inventory.confirm(key)  # a no-op when confirmed; a sale when its confirm was lost
-            except PermanentError:
-                continue  # released already (the reconciler): nothing was sold
-            await self.inventory.restock(restock_key(order.order_no, sku, warehouse), sku, warehouse, qty)
-            self.counts["restocked"] += 1
-
-    async def _give_back_with_retries(self, order: Order) -> None:
-        delay = CANCEL_BACKOFF
-        for attempt in range(1, CANCEL_ATTEMPTS + 1):
-            try:
-                async with self._lock:
-                    await self.give_back(order)
-                return
-            except TransientError as exc:
-                if attempt == CANCEL_ATTEMPTS:
-                    log.error("stock of a cancelled order not given back", extra={
-                        "event": "stock_give_back_failed", "order_no": order.order_no, "reason": str(exc)})
-                    return
-                await anyio.sleep(delay)
-                delay *= 2
-            except Exception:  # noqa: BLE001 - one order's problem must not stop the others
-                log.exception("stock of a cancelled order not given back", extra={
-                    "event": "stock_give_back_failed", "order_no": order.order_no})
-                return
-
     # -- the reconciler -------------------------------------------------------
 
     async def reconcile(self) -> Counter[str]:
@@ -268,24 +202,7 @@ class Stock:
     # -- the service ----------------------------------------------------------
 
     async def run(self) -> None:
-        """Give back cancelled orders' stock as they come, and reconcile periodically."""
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._cancel_worker)
-            tg.start_soon(self._reconciler)
-
-    async def _cancel_worker(self) -> None:
-        while True:
-            while not self._cancelled:
-                self._queued = anyio.Event()
-                await self._queued.wait()
-            order = self._cancelled.popleft()
-            self._working += 1
-            try:
-                await self._give_back_with_retries(order)
-            finally:
-                self._working -= 1
-
-    async def _reconciler(self) -> None:
+        """Reconcile periodically."""
         while True:
             self._reserved = anyio.Event()
             try:
@@ -301,7 +218,3 @@ class Stock:
                 # virtual clock stepping to its next timer would otherwise never come to rest).
                 with anyio.move_on_after(self.interval):
                     await self._reserved.wait()
-
-    def idle(self) -> bool:
-        """No cancelled order waiting for its stock to come back (tests)."""
-        return not self._cancelled and not self._working

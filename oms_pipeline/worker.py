@@ -106,6 +106,10 @@ class StageWorker:
                 if not self._accepting:
                     self.queue.put_front(batch)
                     return
+                if self.pipeline.pausing:  # the reverse flow asked some orders to stop before this stage
+                    batch = await self.pipeline.hold_back(self.name, batch)
+                    if not batch:
+                        continue
                 self.busy += 1
                 self.stats.in_flight += len(batch)
                 try:

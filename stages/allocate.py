@@ -140,28 +140,37 @@ def _precondition(order: Order, lines: list[Line]) -> str:
     return ""
 
 
-def handle(order: Order, ctx: CpuContext) -> Outcome:
+def shares(order: Order) -> list[tuple[Line, int, int, int, int, int]] | str:
+    """(line, discount, coupon, points, freight, payable) per line, by line number, or why the
+    amounts cannot be spread. Changes nothing (the reverse flow asks it of orders not yet allocated)."""
     lines = sorted(order.lines, key=lambda line: line.line_no)  # the tie-break order
     problem = _precondition(order, lines)
     if problem:
-        return manual(f"allocate: {problem}")
+        return problem
     goods = [line.goods for line in lines]
     physical = [0 if line.virtual else line.goods for line in lines]
     a = order.amounts
     # Largest remainder per amount; only a line it would drive below 0 gets cents moved.
-    shares = apportion([(a.discount, goods, -1), (a.coupon, goods, -1), (a.points, goods, -1),
-                        (a.freight, physical, 1)], row_min=[-g for g in goods])
-    discount, coupon, points, freight = shares
+    discount, coupon, points, freight = apportion(
+        [(a.discount, goods, -1), (a.coupon, goods, -1), (a.points, goods, -1), (a.freight, physical, 1)],
+        row_min=[-g for g in goods])
     payable = [g - d - c - p + f for g, d, c, p, f in zip(goods, discount, coupon, points, freight)]
     for line, amount in zip(lines, payable):
         if amount < 0:
-            return manual(f"allocate: line {line.line_no} ({line.sku}) would have payable {amount}:"
-                          f" its share of discount, coupon and points exceeds its goods and freight")
+            return (f"line {line.line_no} ({line.sku}) would have payable {amount}:"
+                    f" its share of discount, coupon and points exceeds its goods and freight")
     if sum(payable) != a.payable:
-        return manual(f"allocate: lines add up to payable {sum(payable)} but the order's payable is {a.payable}")
-    for i, line in enumerate(lines):
-        line.discount, line.coupon, line.points = discount[i], coupon[i], points[i]
-        line.freight, line.payable = freight[i], payable[i]
+        return f"lines add up to payable {sum(payable)} but the order's payable is {a.payable}"
+    return list(zip(lines, discount, coupon, points, freight, payable))
+
+
+def handle(order: Order, ctx: CpuContext) -> Outcome:
+    found = shares(order)
+    if isinstance(found, str):
+        return manual(f"allocate: {found}")
+    for line, discount, coupon, points, freight, payable in found:
+        line.discount, line.coupon, line.points = discount, coupon, points
+        line.freight, line.payable = freight, payable
     return NEXT
 
 

@@ -103,6 +103,16 @@ def _child_flags(child: Order, parent_flags: str) -> str:
     return derived
 
 
+def _child_stock(parent: Order, lines: list[Line]) -> dict[str, Any]:
+    """The parent's stock records of the child's lines: its cancel or return gives back
+    what they hold of the parent's reservations (oms_pipeline/settlement.py)."""
+    held = (parent.results.get("stock") or {}).get("lines", {})
+    mine = {str(n): held[str(n)] for n in {line.line_no if line.bundle_of is None else line.bundle_of
+                                          for line in lines} if str(n) in held}
+    root = (parent.results.get("stock") or {}).get("root", parent.order_no)
+    return {"stock": {"root": root, "lines": mine}} if mine else {}
+
+
 def _child(parent: Order, n: int, lines: list[Line], amounts: Amounts) -> Order:
     child = Order(
         order_no=f"{parent.order_no}-{n}", source=parent.source, external_id=f"{parent.external_id}#{n}",
@@ -111,7 +121,7 @@ def _child(parent: Order, n: int, lines: list[Line], amounts: Amounts) -> Order:
         payment_method=parent.payment_method, status=parent.status, parent_no=parent.order_no,
         remark=parent.remark, invoice_title=parent.invoice_title, delivery_promise=parent.delivery_promise,
         presale=parent.presale, created_at=parent.created_at, timestamps=dict(parent.timestamps),
-        results={"parent": parent.order_no},
+        results={"parent": parent.order_no, **_child_stock(parent, lines)},
     )
     child.flags = _child_flags(child, parent.flags)
     return child

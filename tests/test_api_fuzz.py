@@ -160,7 +160,9 @@ def nested(depth: int, kind: str) -> bytes:
 
 
 ROUTE_PATHS = ["/orders", "/orders/{no}", "/payments", "/exceptions", "/exceptions/{no}/replay", "/stats",
-               "/routes", "/healthz", "/readyz", "/openapi.json", "/", "/orders/", "/nowhere", "/orders/{no}/x"]
+               "/routes", "/healthz", "/readyz", "/openapi.json", "/", "/orders/", "/nowhere", "/orders/{no}/x",
+               "/orders/{no}/cancel", "/orders/{no}/returns", "/orders/{no}/reverse", "/reverse/{no}",
+               "/reverse/{no}/decision", "/reports"]
 QUERY_KEYS = ["member", "status", "tab", "state", "limit", "cursor", "kind", "colour"]
 QUERY_VALUES = st.one_of(texts, st.sampled_from(["queued", "wait_pay", "WAIT_PAY", "PAID,SHIPPED", "to_pay",
                                                  "closed", "0", "-1", "501", "1e3", "tob"]),
@@ -172,7 +174,7 @@ HEADER_TEXT = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0
 
 CONTENT_TYPES = st.sampled_from(["application/json", "text/plain", "application/x-www-form-urlencoded", ""])
 BODY_KINDS = st.sampled_from(["order"] * 6 + ["payment"] * 3 + ["json", "raw", "nested", "random"])
-POST_PATHS = st.sampled_from(["/orders", "/payments"])
+POST_PATHS = st.sampled_from(["/orders", "/payments", "/reports", "/orders/123456789012345678/cancel"])
 RAW_BODIES = st.one_of(st.binary(max_size=300), st.sampled_from(
     [b"", b"{", b'{"a":}', b"1" * 400, b"-" + b"9" * 50, b"1e999", b"NaN", b'"\\ud800"', b"\xff\xfe",
      b'{"source": "app"' + b", " * 1000 + b"}", b"\x00" * 50,

@@ -407,8 +407,11 @@ def _wanted_effects(no: str, doc: Order) -> set[tuple[str, str]]:
                           ("reissue_sms", "notification")):
         if stage in r:
             wanted.add((system, f"{no}:{stage}"))
-    # stock reserved at intake (then confirmed under the same key), one key per sku@warehouse
-    wanted |= {("inventory", f"{no}:reserve:{sku}@{wh}") for sku, wh, _ in r.get("stock", {}).get("lines", {}).values()}
+    # stock reserved at intake (then confirmed under the same key), one key per sku@warehouse; a split
+    # child's lines hold stock under its parent's reservations (the "root" of its stock records)
+    stock = r.get("stock", {})
+    root = stock.get("root", no)
+    wanted |= {("inventory", f"{root}:reserve:{sku}@{wh}") for sku, wh, _ in stock.get("lines", {}).values()}
     return wanted
 
 

@@ -155,7 +155,7 @@ class Run:
         pipeline, store = self.app.pipeline, self.app.pipeline.store
         for _ in range(100_000):
             await pipeline.wait_until(lambda: not pipeline.in_flight)
-            await anyio.sleep(0.005)  # due timers fire, split parents settle, stock comes back
+            await anyio.sleep(0.005)  # due timers fire, split parents settle, the outbox is relayed
             if pipeline.in_flight:
                 continue
             if self.clock.next_deadline is not None:
@@ -163,7 +163,7 @@ class Run:
                 continue
             counts = await store.counts()
             if not any(counts.get(s) for s in st.ACTIVE_STATES) and pipeline.timers.pending == 0 \
-                    and self.app.stock.idle():
+                    and not await store.outbox_pending():
                 return
         raise AssertionError("the pipeline did not come to rest")
 

@@ -101,7 +101,9 @@ async def _delete_topology(prefix: str) -> None:
         for tier in ("0.5s", "1s"):
             await channel.queue_delete(f"{prefix}.delay.{tier}")
         await channel.queue_delete(f"{prefix}.timers.due")
-        for exchange in (f"{prefix}.delay", f"{prefix}.due"):
+        for queue in (f"{prefix}.downstream", f"{prefix}.downstream.dead"):  # the outbox's commands
+            await channel.queue_delete(queue)
+        for exchange in (f"{prefix}.delay", f"{prefix}.due", f"{prefix}.events"):
             await channel.exchange_delete(exchange)
     finally:
         await connection.close()

@@ -3,8 +3,10 @@ confirm, give back on cancel, and the reconciler that settles what nobody settle
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import anyio
+import orjson
 import pytest
 
 from oms_pipeline import app as app_module
@@ -16,7 +18,10 @@ from oms_pipeline.order import Address, Amounts, Line, Order, encode
 from oms_pipeline.outcome import PermanentError
 from oms_pipeline.ports import store as st
 from oms_pipeline.ports.store import NewOrder
+from oms_pipeline.commands import apply
+from oms_pipeline.settlement import cancel_everything
 from oms_pipeline.stock import Stock, reservation_key
+from stages.split import _child_stock
 
 pytestmark = pytest.mark.anyio
 
@@ -104,14 +109,22 @@ async def test_a_release_for_a_refused_or_duplicate_order_gives_everything_back(
     assert levels(inventory, "A") == (5, 0, 0)
 
 
-# -- give back on cancel ----------------------------------------------------------------------
+# -- give back on cancel (settlement commands, applied as the relay applies them) -------------
+
+async def cancel(o: Order, inventory) -> list:
+    commands = cancel_everything(o, "test cancel")
+    ports = SimpleNamespace(inventory=inventory)
+    for c in commands:
+        await apply(ports, c.topic, c.key, orjson.loads(c.payload))
+    return commands
+
 
 async def test_a_cancel_before_payment_releases_the_reservation():
     inventory, clock, _ = sim({"WH1": {"A": 5}})
     stock = make_stock(inventory, clock)
     o = order("O1", line(1, "A", 2), timestamps={states.WAIT_PAY: START, states.CANCELLED: START + 600})
     await stock.reserve(o)
-    await stock.give_back(o)
+    await cancel(o, inventory)
     assert levels(inventory, "A") == (5, 0, 0)
 
 
@@ -123,42 +136,32 @@ async def test_a_cancel_after_the_start_restocks_the_sale(confirmed):
     await stock.reserve(o)
     if confirmed:
         await stock.confirm(o)
-    await stock.give_back(o)
+    commands = await cancel(o, inventory)
     assert levels(inventory, "A") == (5, 0, 0)
-    assert ("restock", "O1:restock:A@WH1") in {(e.op, e.key) for e in log.applied("inventory")}
-    await stock.give_back(o)  # the listener twice: nothing more
+    assert ("restock", "O1:cancel:restock:1") in {(e.op, e.key) for e in log.applied("inventory")}
+    ports = SimpleNamespace(inventory=inventory)
+    for c in commands:  # delivered twice (at least once): nothing more
+        await apply(ports, c.topic, c.key, orjson.loads(c.payload))
+    assert await cancel(o, inventory) == []  # and cancelled twice: nothing owed any more
     assert levels(inventory, "A") == (5, 0, 0)
-
-
-async def test_a_cancel_after_dispatch_is_a_return_not_a_restock():
-    inventory, clock, _ = sim({"WH1": {"A": 5}})
-    stock = make_stock(inventory, clock)
-    o = order("O1", line(1, "A", 2), timestamps={states.IN_FULFILMENT: START})
-    await stock.reserve(o)
-    await stock.confirm(o)
-    o.results["dispatch_wms"] = {"wms": {"WH1/ambient": "WMS1"}}
-    await stock.give_back(o)
-    assert levels(inventory, "A") == (3, 0, 2)
 
 
 async def test_a_split_child_gives_back_what_its_own_lines_hold():
     inventory, clock, _ = sim({"WH1": {"A": 5, "BDL-1": 5}, "WH2": {"B": 5}})
-    store = MemoryStore()
-    stock = make_stock(inventory, clock, store)
+    stock = make_stock(inventory, clock)
     parent = order("P1", line(1, "A", 2), line(2, "B", 1, "WH2"), line(3, "BDL-1", 2, bundle=True),
                    timestamps={states.IN_FULFILMENT: START})
     await stock.reserve(parent)
     await stock.confirm(parent)
-    parent.children = ["P1-1", "P1-2"]
-    await put(store, parent, st.SPLIT)
     # child 1: line 1 and the components `fill` made of bundle line 3, plus a gift line (holds nothing)
     child = order("P1-1", line(1, "A", 2), line(4, "C1", 2, bundle_of=3), line(5, "C2", 4, bundle_of=3),
                   line(6, "GIFT", 1, gift_of=1), parent_no="P1", timestamps={states.IN_FULFILMENT: START})
-    await stock.give_back(child)
+    child.results.update(_child_stock(parent, child.lines))
+    await cancel(child, inventory)
     assert levels(inventory, "A") == (5, 0, 0) and levels(inventory, "BDL-1") == (5, 0, 0)
     assert levels(inventory, "B", "WH2") == (4, 0, 1)  # the other child still ships it
-    await stock.give_back(parent)  # the parent settles cancelled later: its children gave back already
-    assert levels(inventory, "B", "WH2") == (4, 0, 1)
+    parent.children = ["P1-1", "P1-2"]
+    assert await cancel(parent, inventory) == []  # a split parent: its children settle their lines
 
 
 # -- the reconciler ---------------------------------------------------------------------------

@@ -137,6 +137,10 @@ class RabbitTimers:
             connection, self._connection = self._connection, None
             await connection.close()
 
+    async def ping(self) -> bool:
+        """Readiness probe, without I/O: connected now (connect_robust clears this while it reconnects)."""
+        return _connected(self._connection)
+
     async def _declare(self) -> None:
         """Declare on a throw-away channel: a robust channel would replay the declares on every
         reconnect, and a drifted argument would then loop on 406 (PITFALL 12)."""
@@ -395,6 +399,10 @@ def _decode(message: AbstractIncomingMessage) -> Due | None:
 def _sole(group: BaseExceptionGroup) -> BaseException:
     """run() raises what on_due (or a re-park) raised, not a group around it."""
     return group.exceptions[0] if len(group.exceptions) == 1 else group
+
+
+def _connected(connection) -> bool:
+    return connection is not None and not connection.is_closed and connection.connected.is_set()
 
 
 def _live_channel(message: AbstractIncomingMessage):

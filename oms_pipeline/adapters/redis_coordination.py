@@ -125,6 +125,10 @@ class RedisCoordination:
     def key(self, key: str) -> str:
         return self.prefix + key
 
+    async def ping(self) -> bool:
+        """Readiness probe: one PING round trip (raises when Redis cannot be reached)."""
+        return bool(await self.client.ping())
+
     async def take_capacity(self, key: str, holder: str, limit: int, ttl: float) -> bool:
         return bool(await self._take(keys=[self.key(key)], args=[holder, limit, _ms(ttl)]))
 

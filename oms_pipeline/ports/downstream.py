@@ -80,6 +80,17 @@ class Tms(Protocol):
     async def request_waybill(self, key: str, order_no: str, warehouse: str, zone: str) -> str:
         """A carrier waybill number, unique and stable per key."""
 
+    async def pickup(self, key: str, order_no: str, city: str) -> str:
+        """Book a carrier to collect a return from the consignee; returns the pickup id."""
+
+
+class Accounts(Protocol):
+    """The member's own accounts: points, coupons (and stored balance) given back by the reverse flow."""
+
+    async def credit(self, key: str, member_id: str, account: str, amount: int, order_no: str) -> str:
+        """Give `amount` back to the member's `account` ("points", "coupon" or "balance");
+        points and coupons are valued in cents. Returns the credit id."""
+
 
 class Erp(Protocol):
     async def occupy(self, key: str, order_no: str, lines: list[tuple[str, str, int]]) -> Occupation:
@@ -92,6 +103,10 @@ class Wms(Protocol):
 
     async def intercept(self, key: str, order_no: str) -> bool:
         """Stop a dispatched order; False when it was never dispatched or is already out."""
+
+    async def report(self, order_no: str, event: str, report_id: str) -> None:
+        """The warehouse's status report back to the OMS (outbound, intercepted, intercept_failed,
+        return_received...): a real WMS publishes it to the reports intake queue."""
 
 
 class Supplier(Protocol):
@@ -151,3 +166,4 @@ class Ports:
     supplier: Supplier
     invoice: Invoice
     inventory: Inventory
+    accounts: Accounts

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, Mapping, get_args, get_origin
 import msgspec
 
 SYSTEMS = ("notification", "finance", "product", "risk", "purchasing", "tms", "erp", "wms",
-           "supplier", "invoice", "inventory")
+           "supplier", "invoice", "inventory", "accounts")
 
 
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import anyio
 import msgspec
@@ -241,11 +241,22 @@ class SimTms:
     def __init__(self, channel: _Channel, settings: SimSettings) -> None:
         self._ch = channel
         self._ids = _Ids("WB", width=12)
+        self._pickups = _Ids("PU")
         self.waybills: dict[str, list[str]] = {}  # order -> waybill numbers
+        self.pickups: dict[str, str] = {}  # order -> pickup id of its return
 
     async def request_waybill(self, key: str, order_no: str, warehouse: str, zone: str) -> str:
         payload = {"order_no": order_no, "warehouse": warehouse, "zone": zone}
         return await self._ch.effect("request_waybill", key, payload, lambda: self._issue(order_no, zone))
+
+    async def pickup(self, key: str, order_no: str, city: str) -> str:
+        return await self._ch.effect("pickup", key, {"order_no": order_no, "city": city},
+                                     lambda: self._pickup(order_no))
+
+    def _pickup(self, order_no: str) -> str:
+        pickup = self._pickups.next()
+        self.pickups[order_no] = pickup
+        return pickup
 
     def _issue(self, order_no: str, zone: str) -> str:
         _require(zone in ZONES, f"tms: unknown temperature zone {zone!r} (known: {', '.join(ZONES)})")
@@ -254,7 +265,33 @@ class SimTms:
         return waybill
 
     def replay(self, effect: Effect) -> None:
+        if effect.op == "pickup":
+            self.pickups[effect.payload["order_no"]] = effect.result
+            self._pickups.restore(effect.result)
+            return
         self.waybills.setdefault(effect.payload["order_no"], []).append(effect.result)
+        self._ids.restore(effect.result)
+
+
+class SimAccounts:
+    def __init__(self, channel: _Channel, settings: SimSettings) -> None:
+        self._ch = channel
+        self._ids = _Ids("AC")
+        self.credited: Counter[tuple[str, str]] = Counter()  # (member, account) -> cents
+
+    async def credit(self, key: str, member_id: str, account: str, amount: int, order_no: str) -> str:
+        payload = {"member_id": member_id, "account": account, "amount": amount, "order_no": order_no}
+        return await self._ch.effect("credit", key, payload, lambda: self._credit(member_id, account, amount))
+
+    def _credit(self, member_id: str, account: str, amount: int) -> str:
+        _require(account in ("points", "coupon", "balance"), f"accounts: unknown account {account!r}")
+        _require(amount > 0, f"accounts: credit amount must be positive, got {amount}")
+        self.credited[(member_id, account)] += amount
+        return self._ids.next()
+
+    def replay(self, effect: Effect) -> None:
+        p = effect.payload
+        self.credited[(p["member_id"], p["account"])] += p["amount"]
         self._ids.restore(effect.result)
 
 
@@ -312,6 +349,9 @@ class SimWms:
         self.dispatched: dict[str, str] = {}  # order -> WMS task id
         self.outbound: set[str] = set()
         self.intercepted: set[str] = set()
+        # Where the warehouse's reports go: the OMS's report intake (set by the app), as a
+        # real WMS would publish to the reports queue. None: reports are dropped.
+        self.reporter: Callable[[str, str, str], Awaitable[Any]] | None = None
 
     async def dispatch(self, key: str, order_no: str, payload: dict[str, Any]) -> str:
         summary = {"order_no": order_no, "fields": len(payload)}
@@ -320,6 +360,10 @@ class SimWms:
     async def intercept(self, key: str, order_no: str) -> bool:
         return await self._ch.effect("intercept", key, {"order_no": order_no},
                                      lambda: self._intercept(order_no), bool)
+
+    async def report(self, order_no: str, event: str, report_id: str) -> None:
+        if self.reporter is not None:
+            await self.reporter(order_no, event, report_id)
 
     async def mark_outbound(self, order_no: str) -> bool:
         """The warehouse ships the order (a simulated event, not a command from the OMS).
@@ -529,7 +573,7 @@ class SimInventory:
 _CLASSES = {
     "notification": SimNotification, "finance": SimFinance, "product": SimProduct, "risk": SimRisk,
     "purchasing": SimPurchasing, "tms": SimTms, "erp": SimErp, "wms": SimWms, "supplier": SimSupplier,
-    "invoice": SimInvoice, "inventory": SimInventory,
+    "invoice": SimInvoice, "inventory": SimInventory, "accounts": SimAccounts,
 }
 
 

@@ -84,7 +84,7 @@ SELECT count(*) FROM outbox WHERE published_at IS NULL;
 -- name: reverse_insert
 INSERT INTO reverse_orders (reverse_no, order_no, request_key, kind, state, created_at, updated_at, doc)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (order_no, request_key) DO NOTHING;
+ON CONFLICT DO NOTHING  -- the number derives from (order_no, request_key): either key;
 
 -- name: reverse_upsert
 INSERT INTO reverse_orders (reverse_no, order_no, request_key, kind, state, created_at, updated_at, doc)

@@ -1,0 +1,137 @@
+"""The outbox relay's publisher on RabbitMQ: one durable topic exchange, confirmed publishes.
+
+Topology, declared once by `open()` (a mismatch is a fatal configuration error,
+PITFALL 12)::
+
+    relay ─► <prefix>.events (topic, durable) ─► queues bound by their consumers
+               routing key = the row's topic: order.cancelled, fms.refund, inventory.restock, ...
+
+The daemon owns no queue here: consumers bind their own (the simulated
+downstream systems bind `<prefix>.downstream`, adapters/rabbitmq_downstream.py).
+
+Every message: persistent, `message_id` = the command's key or
+"ORDERNO:event:ID" (consumers de-duplicate on it), `type` = the topic (it
+survives a consumer's republish to a retry or dead-letter queue, where the
+routing key changes), header `order_no`, JSON body, `timestamp` = when the
+checkpoint wrote it.
+
+Confirms: the channel has publisher confirms and `on_return_raises`, and a
+command is published `mandatory`, so a command no queue is bound for is an
+error (PITFALL 16): the relay keeps it in the outbox and counts it as
+undeliverable. Events are broadcasts: with `relay.mandatory_events = false`
+(the default) an event nobody has bound a queue for is dropped by the broker
+and confirmed; set it true when every event must reach a bound queue.
+
+A whole batch is in flight at once (one coroutine per message awaiting its
+confirm; a few hundred in flight reach the broker's confirm throughput,
+../shared/PERF_NOTES.md). Rows sharing a message id (a command written again
+by a replayed stage) go out once. `connect_robust` reconnects by itself; a
+publish during the outage fails and the relay retries the batch later.
+"""
+from __future__ import annotations
+
+import asyncio
+
+import aio_pika
+from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, ChannelPreconditionFailed, DeliveryError, PublishError
+
+from ..ports.store import OutboxRow
+from ..relay import Failed, PublisherUnavailable, is_event, message_id
+
+_TRANSPORT = (AMQPError, ChannelInvalidStateError, ConnectionError, asyncio.TimeoutError)
+
+
+class PublisherConfigError(RuntimeError):
+    """The broker already holds the exchange with other arguments."""
+
+
+def events_exchange(prefix: str) -> str:
+    return f"{prefix}.events"
+
+
+async def declare_events_exchange(connection: aio_pika.abc.AbstractConnection, prefix: str) -> None:
+    """On a throw-away channel: a robust channel would replay the declare on every reconnect
+    and loop on a 406 if the exchange drifted (PITFALL 12)."""
+    channel = await connection.channel()
+    try:
+        await channel.declare_exchange(events_exchange(prefix), aio_pika.ExchangeType.TOPIC, durable=True,
+                                       robust=False)
+    except ChannelPreconditionFailed as exc:
+        raise PublisherConfigError(
+            f"RabbitMQ exchange {events_exchange(prefix)!r} exists with other arguments ({exc}). "
+            "Refusing to start: delete it or use another broker.prefix.") from exc
+    finally:
+        try:
+            await channel.close()
+        except (*_TRANSPORT,):
+            pass
+
+
+class RabbitPublisher:
+    def __init__(self, url: str, *, prefix: str = "oms", mandatory_events: bool = False,
+                 confirm_timeout: float = 10.0) -> None:
+        self.exchange_name = events_exchange(prefix)
+        self._url = url
+        self._prefix = prefix
+        self._mandatory_events = mandatory_events
+        self._confirm_timeout = confirm_timeout
+        self._connection: aio_pika.abc.AbstractRobustConnection | None = None
+        self._exchange: aio_pika.abc.AbstractExchange | None = None
+
+    async def open(self) -> None:
+        self._connection = await aio_pika.connect_robust(self._url)
+        try:
+            await declare_events_exchange(self._connection, self._prefix)
+            channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+            self._exchange = await channel.get_exchange(self.exchange_name, ensure=False)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            connection, self._connection = self._connection, None
+            await connection.close()
+
+    async def ping(self) -> bool:
+        """Readiness probe, without I/O: connected now (connect_robust clears this while it reconnects)."""
+        connection = self._connection
+        return connection is not None and not connection.is_closed and connection.connected.is_set()
+
+    async def publish(self, rows: list[OutboxRow]) -> list[Failed]:
+        groups: dict[str, list[OutboxRow]] = {}
+        for row in rows:
+            groups.setdefault(message_id(row), []).append(row)
+        results = await asyncio.gather(*(self._publish_one(group[0]) for group in groups.values()),
+                                       return_exceptions=True)
+        failed: list[Failed] = []
+        for group, result in zip(groups.values(), results):
+            if result is not None:
+                reason, undeliverable = self._explain(group[0], result)
+                failed.extend(Failed(row, reason, undeliverable) for row in group)
+        if results and all(_transport_failure(r) for r in results):
+            # The connection is down: the relay waits as a whole instead of holding back every row.
+            raise PublisherUnavailable(failed[0].reason)
+        return failed
+
+    async def _publish_one(self, row: OutboxRow) -> None:
+        message = aio_pika.Message(row.payload, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                                   content_type="application/json", message_id=message_id(row),
+                                   type=row.topic, timestamp=row.at, headers={"order_no": row.order_no})
+        mandatory = self._mandatory_events or not is_event(row)
+        await self._exchange.publish(message, row.topic, mandatory=mandatory, timeout=self._confirm_timeout)
+
+    def _explain(self, row: OutboxRow, error: BaseException) -> tuple[str, bool]:
+        """(reason, undeliverable) of a failed publish."""
+        if isinstance(error, PublishError):  # returned: no queue is bound for the topic
+            return f"unroutable: no queue is bound for {row.topic!r} on {self.exchange_name!r}", True
+        if isinstance(error, DeliveryError):  # nack: the broker could not take it (e.g. a full queue)
+            return f"refused by the broker (nack): {error!r}", False
+        if isinstance(error, asyncio.TimeoutError):
+            return f"no confirm within {self._confirm_timeout} s", False
+        return f"broker unavailable: {error!r}", False
+
+
+def _transport_failure(result: object) -> bool:
+    """The connection or channel failed (not the broker refusing this one message)."""
+    return isinstance(result, _TRANSPORT) and not isinstance(result, DeliveryError)

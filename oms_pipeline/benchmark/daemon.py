@@ -1,0 +1,175 @@
+"""The daemon's own composition (oms_pipeline/app.py) under load: the 16 real
+stages, intake with stock reservations, the simulated downstream systems,
+on the embedded default (SQLite, in-process timers and counters) or on the
+production backends (PostgreSQL, RabbitMQ timers, Redis coordination).
+
+A production run gets a database of its own (created, migrated, dropped
+afterwards), a RabbitMQ prefix and a Redis prefix of its own (deleted too),
+so runs never see each other's state.
+"""
+from __future__ import annotations
+
+import secrets
+import tempfile
+from itertools import islice
+from pathlib import Path
+from typing import Any, Iterator
+
+import anyio
+
+from .. import app as app_module
+from .. import config, routing
+from ..generator import generate
+from .probe import Recorder
+from .scenario import ROOT, Scenario, merge
+from .strategies import PipelineView
+
+# Orders that need no payment and do not park for days: a burst of seed 001's
+# third-party platform orders (as bench/embedded_burst.py sends).
+DEFAULT_OVERRIDES = {"kind": "third_party", "source": "platform", "payment_method": "none", "remark": "",
+                     "delivery_promise": "standard", "presale": False}
+
+
+class Backend:
+    """Where a run keeps its state, and how it is made and removed."""
+
+    def __init__(self, scenario: Scenario) -> None:
+        self.scenario = scenario
+        self.kind = scenario.workload.kind
+        self.tag = f"oms_bench_{secrets.token_hex(4)}"
+        self.db_url = ""
+        self._tmp: tempfile.TemporaryDirectory | None = None
+
+    async def open(self) -> dict[str, Any]:
+        """Config overrides naming this run's services."""
+        w = self.scenario.workload
+        if self.kind == "embedded":
+            self._tmp = tempfile.TemporaryDirectory(prefix="oms-bench-")
+            return {"store": {"url": f"sqlite:///{Path(self._tmp.name) / 'oms.sqlite3'}"}}
+        from ..adapters import postgres_store
+        await _admin(w.postgres, f"CREATE DATABASE {self.tag}")
+        self.db_url = f"{w.postgres.rstrip('/')}/{self.tag}"
+        await postgres_store.migrate(self.db_url)
+        return {"store": {"url": self.db_url}, "broker": {"url": w.rabbitmq, "prefix": self.tag},
+                "coordination": {"url": w.redis, "prefix": f"{self.tag}:"}}
+
+    async def close(self, settings: config.Settings) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+        if self.kind != "production":
+            return
+        w = self.scenario.workload
+        await _admin(w.postgres, f"DROP DATABASE IF EXISTS {self.tag} WITH (FORCE)")
+        await _delete_rabbit_topology(w.rabbitmq, settings)
+        await _delete_redis_keys(w.redis, f"{self.tag}:")
+
+
+class Daemon(PipelineView):
+    """An App built as the daemon builds it, fed through its intake."""
+
+    def __init__(self, scenario: Scenario) -> None:
+        self.scenario = scenario
+        self.label = scenario.workload.kind
+        self.backend = Backend(scenario)
+        self.overrides = {**DEFAULT_OVERRIDES, **scenario.workload.order_overrides}
+        self.requests: Iterator[dict[str, Any]] = iter(())
+        self.settings: config.Settings | None = None
+        self.app: Any = None
+
+    async def open(self) -> None:
+        base = {"metrics": {"port": 0}, "downstream": {"retain_effects": False},
+                "routing": {"file": str(ROOT / "config" / "routes.toml")}}
+        services = await self.backend.open()
+        self.settings = config.from_mapping(merge(merge(base, self.scenario.config), services),
+                                            source=self.scenario.source)
+        self.app = await app_module.build(self.settings)
+        self.pipeline = self.app.pipeline
+        self.requests = generate(self.scenario.load.count(), self.scenario.seed)
+
+    async def start(self, tg: anyio.abc.TaskGroup, recorder: Recorder) -> None:
+        self.recorder = recorder
+        self.pipeline.listeners.append(self._on_end)
+        await tg.start(self.pipeline.run)
+
+    def _on_end(self, end: str, reason: str, order: Any) -> None:
+        if end != routing.SPLIT:  # a split parent ends when its children have (the listener hears it again)
+            self.recorder.end(order.external_id, end)
+
+    async def submit(self, first: int, end: int, scheduled_at: list[float]) -> None:
+        batch = [{**r, **self.overrides} for r in islice(self.requests, end - first)]
+        for request, i in zip(batch, range(first, end)):
+            self.recorder.arrive(request["external_id"], scheduled_at[i])
+        for request, created in zip(batch, await self.app.intake.create(batch)):
+            if created.refused:
+                self.recorder.end(request["external_id"], "refused")
+
+    def describe(self) -> dict[str, Any]:
+        s = self.settings
+        return {**super().describe(), "store": _redact(s.store.url), "broker": _redact(s.broker.url),
+                "coordination": _redact(s.coordination.url)}
+
+    async def close(self) -> None:
+        await self.app.aclose()
+        await self.backend.close(self.settings)
+
+
+def _redact(url: str) -> str:
+    """A URL without its password."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    return f"{scheme}://{creds.split(':')[0]}@{host}"
+
+
+async def _admin(server: str, statement: str) -> None:
+    import asyncpg
+    conn = await asyncpg.connect(f"{server.rstrip('/')}/postgres")
+    try:
+        await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+async def _delete_rabbit_topology(url: str, settings: config.Settings) -> None:
+    """Every queue and exchange named with the run's prefix (timers, intake, outbox: whatever the
+    daemon declared), listed by rabbitmqctl where it runs, else the timers' known topology."""
+    import aio_pika
+
+    from ..adapters.rabbitmq_timers import Topology
+    prefix = settings.broker.prefix
+    topology = Topology(prefix, tuple(sorted(settings.broker.delay_tiers)))
+    queues = _rabbitmqctl("list_queues", prefix) or list(topology.queues)
+    exchanges = _rabbitmqctl("list_exchanges", prefix) or list(topology.exchanges)
+    connection = await aio_pika.connect(url)
+    async with connection:
+        for delete, names in (("queue_delete", queues), ("exchange_delete", exchanges)):
+            for name in names:
+                channel = await connection.channel()  # a failed delete closes its channel
+                try:
+                    await getattr(channel, delete)(name)
+                except aio_pika.exceptions.AMQPError:
+                    pass
+
+
+def _rabbitmqctl(what: str, prefix: str) -> list[str]:
+    import shutil
+    import subprocess
+    if shutil.which("rabbitmqctl") is None:
+        return []
+    try:
+        done = subprocess.run(["rabbitmqctl", what, "-q", "name"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [n.strip() for n in done.stdout.splitlines() if n.strip().startswith(prefix)]
+
+
+async def _delete_redis_keys(url: str, prefix: str) -> None:
+    import redis.asyncio as redis
+    client = redis.Redis.from_url(url)
+    try:
+        keys = [k async for k in client.scan_iter(f"{prefix}*")]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()

@@ -1,0 +1,278 @@
+"""Runs a scenario end to end: every run it asks for, the comparisons as ratios, the report.
+
+Each run gets a fresh event loop (uvloop, as the daemon runs) and the same
+seeded arrivals, one after another, so runs compare within one invocation on
+the same machine at the same time.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import gc
+import math
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from .. import config
+from ..daemon import tune_gc
+from . import advisor, peers, report, strategies, synthetic
+from .daemon import Daemon
+from .load import arrivals
+from .scenario import ROOT, Scenario, merge, to_dict
+
+DEFAULT_OUT = ROOT / "bench" / "out"
+# The bare-runtime settings of bench/runtime_noop.py, for the overhead comparison.
+NOOP_CONFIG = {"stage_defaults": {"io": {"pool": 32, "batch": 512, "queue": 2000},
+                                  "cpu": {"pool": 1, "batch": 512, "queue": 2000}}}
+
+
+class Harness:
+    def __init__(self, scenario: Scenario, out: Path, *, progress: bool = False,
+                 say: Callable[[str], None] = lambda line: print(line, file=sys.stderr)) -> None:
+        self.s = scenario
+        self.out = out
+        self.progress = progress
+        self.say = say
+        self.offsets = arrivals(scenario.load.count(), scenario.load.rate, scenario.seed)
+        self.results: dict[str, Any] = {
+            "scenario": to_dict(scenario), "machine": machine(),
+            "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(["oms bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else " ".join(sys.argv),
+            "runs": {}, "comparisons": {}, "notes": []}
+
+    # -- the whole scenario ----------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        tune_gc()  # as the daemon does
+        if self.s.workload.kind == "synthetic":
+            self._synthetic()
+        else:
+            self._daemon()
+        self.results["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        report.write(self.results, self.out)
+        return self.results
+
+    def _synthetic(self) -> None:
+        profiles = synthetic.profiles(self.s.workload)
+        c = self.s.compare
+        rounds = self._rounds({name: (lambda name=name: self._strategy_run(name, profiles, self.s.config, name))
+                               for name in c.strategies})
+        for name, run in rounds.items():
+            self._record(name, run)
+        per_stage = self.results["runs"].get("per_stage")
+        if per_stage and len(c.strategies) > 1:
+            self.results["comparisons"]["pool_strategies"] = pool_strategy_ratios(self.results["runs"])
+        if per_stage and c.capacity:
+            self.results["comparisons"]["capacity"] = capacity_ratio(per_stage)
+        if per_stage and c.advisor:
+            self.results["comparisons"]["advisor"] = self._advisor(profiles, per_stage)
+        if c.noop_orders or c.raw_chain:  # last: the no-op burst's memory would stay in later runs' RSS
+            self.results["comparisons"]["overhead"] = self._overhead()
+        if c.peers:
+            self._peers(profiles, per_stage)
+
+    def _rounds(self, runs: dict[str, Callable[[], dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+        """Every run `compare.repeat` times, interleaved (a, b, a, b: the machine's drift hits all
+        alike); each name's median run (by throughput), with every round's figure."""
+        done: dict[str, list[dict[str, Any]]] = {name: [] for name in runs}
+        for _ in range(self.s.compare.repeat):
+            for name, run in runs.items():
+                done[name].append(run())
+                gc.collect()
+        out = {}
+        for name, results in done.items():
+            ordered = sorted(results, key=lambda r: r["throughput"])
+            out[name] = {**ordered[(len(ordered) - 1) // 2], "throughput_rounds": [r["throughput"] for r in results]}
+        return out
+
+    def _daemon(self) -> None:
+        kind = self.s.workload.kind
+        self.say(f"{kind}: the daemon's 16 stages, {len(self.offsets):,} orders")
+        result = strategies.run(self._daemon_run)
+        self._record(kind, result)
+        if self.s.compare.advisor:
+            self.results["comparisons"]["advisor"] = self._proposal(result, kind)
+
+    async def _daemon_run(self) -> dict[str, Any]:
+        system = Daemon(self.s)
+        await system.open()
+        return await self._measure(system)
+
+    # -- single runs ------------------------------------------------------------
+
+    def _strategy_run(self, strategy: str, profiles: list[synthetic.Profile], overrides: dict[str, Any],
+                      label: str | None = None) -> dict[str, Any]:
+        settings = config.from_mapping(overrides, source=self.s.source)
+        w = self.s.workload
+
+        async def go() -> dict[str, Any]:
+            per_stage = strategies.PerStage(profiles, settings, w.io_dist, self.s.seed)
+            if strategy == "per_stage":
+                system = per_stage
+            else:
+                size = sum(st["pool"] for st in per_stage.describe()["stages"].values())
+                bound = sum(st["queue"] for st in per_stage.describe()["stages"].values())
+                system = (strategies.SharedPool(profiles, size, bound, w.io_dist, self.s.seed)
+                          if strategy == "shared_pool" else strategies.PerOrder(profiles, size, w.io_dist, self.s.seed))
+            return await self._measure(system, label or strategy)
+
+        self.say(f"{label or strategy}: {len(self.offsets):,} orders")
+        return strategies.run(go)
+
+    async def _measure(self, system: Any, label: str | None = None, offsets: list[float] | None = None) -> dict:
+        load = self.s.load
+        return await strategies.measure(system, offsets or self.offsets, batch=load.batch,
+                                        interval=self.s.sample_interval, timeout=load.timeout,
+                                        stall=load.stall, progress=self.progress, label=label)
+
+    def _record(self, name: str, result: dict[str, Any]) -> None:
+        result["cpu_ms_per_order"] = (round(result["cpu_seconds"] / result["finished"] * 1000, 3)
+                                      if result.get("finished") else None)
+        self.results["runs"][name] = result
+        if result.get("stopped") not in (None, "finished"):
+            self.results["notes"].append(f"run {name} {result['stopped']}: {result['finished']} of "
+                                         f"{result['orders']} orders ended")
+        gc.collect()
+
+    # -- comparisons --------------------------------------------------------------
+
+    def _overhead(self) -> dict[str, Any]:
+        c = self.s.compare
+        out: dict[str, Any] = {}
+        if c.noop_orders:
+            self.say(f"noop pipeline: {c.noop_orders:,} orders through 16 no-op stages")
+            settings = config.from_mapping(NOOP_CONFIG)
+            noop = synthetic.noop_profiles(16)
+            offsets = [0.0] * c.noop_orders
+
+            async def go() -> dict[str, Any]:
+                return await self._measure(strategies.PerStage(noop, settings, "fixed", self.s.seed), "noop_pipeline",
+                                           offsets)
+
+            run = strategies.run(go)
+            run.pop("series", None)
+            self._record("noop_pipeline", run)
+            out["pipeline_orders_per_s"] = run["throughput"]
+            out["pipeline_us_per_hop"] = round(1e6 / run["throughput"] / 16, 3)
+        if c.raw_chain:
+            self.say(f"raw asyncio.Queue chain: {c.raw_chain:,} items through 16 hops")
+            raw = strategies.run(strategies.raw_chain, c.raw_chain)
+            out["raw_chain"] = raw
+            out["raw_items_per_s"] = raw["throughput"]
+            out["raw_us_per_hop"] = raw["us_per_hop"]
+        if "pipeline_orders_per_s" in out and "raw_items_per_s" in out:
+            out["ratio"] = round(out["pipeline_orders_per_s"] / out["raw_items_per_s"], 3)
+            out["extra_us_per_hop"] = round(out["pipeline_us_per_hop"] - out["raw_us_per_hop"], 3)
+        return out
+
+    def _advisor(self, profiles: list[synthetic.Profile], base: dict[str, Any]) -> dict[str, Any]:
+        c = self.s.compare
+        proposal = self._proposal(base, "per_stage")
+        io = [n for n, st in base["system"]["stages"].items() if st["kind"] == "io" or st["mode"] == "process"]
+
+        def with_pools(pools: dict[str, int], label: str) -> Callable[[], dict[str, Any]]:
+            overrides = merge(self.s.config, {"stages": {n: {"pool": p} for n, p in pools.items()}})
+            return lambda: _slim(self._strategy_run("per_stage", profiles, overrides, label))
+
+        runs = {f"hand_tuned_{pool}": with_pools(dict.fromkeys(io, pool), f"hand-tuned pool {pool}")
+                for pool in c.advisor_grid}
+        runs["advised"] = with_pools(proposal["pools"], "advised pools")
+        rounds = self._rounds(runs)
+        for name, run in rounds.items():
+            self._record(name, run)
+        advised = rounds["advised"]
+        grid = {pool: {"throughput": rounds[f"hand_tuned_{pool}"]["throughput"],
+                       "latency_ms": rounds[f"hand_tuned_{pool}"]["latency_ms"]} for pool in c.advisor_grid}
+        best_pool = max(grid, key=lambda p: grid[p]["throughput"])
+        best = grid[best_pool]["throughput"]
+        return {**proposal, "grid": {str(k): v for k, v in grid.items()},
+                "best_hand_tuned_pool": best_pool, "best_hand_tuned_throughput": best,
+                "advised_throughput": advised["throughput"], "advised_latency_ms": advised["latency_ms"],
+                "ratio": round(advised["throughput"] / best, 3) if best else math.nan,
+                "advised_slots": sum(proposal["pools"].values()), "best_slots": best_pool * len(io)}
+
+    def _proposal(self, run: dict[str, Any], source: str) -> dict[str, Any]:
+        u = self.s.compare.advisor_utilisation
+        service = {k: v / 1000 for k, v in run["service_ms"].items()}
+        rate, why = self._design_rate(run, service)
+        pools = advisor.propose(run["system"]["stages"], service, rate, u)
+        text = advisor.snippet(pools, rate, u, f"run {source} of scenario {self.s.name}")
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "advised_pools.toml").write_text(text)
+        return {"pools": pools, "rate": rate, "rate_from": why, "utilisation": u,
+                "snippet_file": "advised_pools.toml", "snippet": text}
+
+    def _design_rate(self, run: dict[str, Any], service: dict[str, float]) -> tuple[float, str]:
+        """The arrival rate the pools are sized for: the scenario's open-loop rate; for a burst,
+        what the resources no pool size changes (the event loop, the process pool) can take,
+        since that is the most a burst can get through; else the run's own throughput."""
+        if self.s.load.rate:
+            return self.s.load.rate, "the scenario's arrival rate"
+        if self.s.workload.kind != "synthetic":  # real io handlers and checkpoints share the loop too
+            return run["throughput"], "a burst: the run's throughput"
+        bounds = advisor.capacity(run["system"]["stages"], service,
+                                  run["system"].get("process_workers", 2))["bounds"]
+        fixed = [v for k, v in bounds.items() if not k.startswith("stage ")]
+        if fixed and min(fixed) > run["throughput"]:
+            return min(fixed), "a burst: the capacity of the event loop / process pool"
+        return run["throughput"], "a burst: the run's throughput"
+
+    def _peers(self, profiles: list[synthetic.Profile], per_stage: dict[str, Any] | None) -> None:
+        out = {}
+        for peer in self.s.compare.peers:
+            self.say(f"{peer}: {self.s.compare.peer_orders:,} orders, a chain of {len(profiles)} tasks each")
+            result = peers.run(peer, self.s, profiles, self.progress)
+            if "skipped" in result:
+                self.results["notes"].append(f"{peer}: {result['skipped']}")
+                out[peer] = {"skipped": result["skipped"]}
+                continue
+            self._record(peer, result)
+            if per_stage:
+                out[peer] = {"throughput": result["throughput"],
+                             "pipeline_over_peer": round(per_stage["throughput"] / result["throughput"], 2)
+                             if result["throughput"] else math.inf,
+                             "cpu_ms_per_order": result["cpu_ms_per_order"]}
+        self.results["comparisons"]["peers"] = out
+
+
+def pool_strategy_ratios(runs: dict[str, Any]) -> dict[str, Any]:
+    """Throughput ratios, and the same per CPU-second: on a loaded machine a run may get less than
+    the core it could use, and orders per CPU-second is what a core can carry."""
+    base = runs["per_stage"]
+    out = {"per_stage_throughput": base["throughput"], "per_stage_orders_per_cpu_s": _per_cpu(base)}
+    for other in ("shared_pool", "per_order"):
+        if other in runs:
+            r = runs[other]
+            out[f"{other}_throughput"] = r["throughput"]
+            out[f"{other}_orders_per_cpu_s"] = _per_cpu(r)
+            out[f"per_stage_over_{other}"] = round(base["throughput"] / r["throughput"], 3) if r["throughput"] else None
+            out[f"per_cpu_s_per_stage_over_{other}"] = (round(_per_cpu(base) / _per_cpu(r), 3)
+                                                        if _per_cpu(r) else None)
+            out[f"p99_per_stage_over_{other}"] = (round(base["latency_ms"]["p99"] / r["latency_ms"]["p99"], 3)
+                                                  if r["latency_ms"]["p99"] else None)
+    return out
+
+
+def _per_cpu(run: dict[str, Any]) -> float:
+    return round(run["finished"] / run["cpu_seconds"], 1) if run.get("cpu_seconds") else 0.0
+
+
+def capacity_ratio(run: dict[str, Any]) -> dict[str, Any]:
+    service = {k: v / 1000 for k, v in run["service_ms"].items()}
+    cap = advisor.capacity(run["system"]["stages"], service, run["system"].get("process_workers", 2))
+    cap["measured"] = run["throughput"]
+    cap["ratio"] = round(run["throughput"] / cap["orders_per_s"], 3) if cap["orders_per_s"] else math.nan
+    return cap
+
+
+def _slim(run: dict[str, Any]) -> dict[str, Any]:
+    """A run kept for its figures only (the advisor grid): no time series."""
+    return {k: v for k, v in run.items() if k != "series"}
+
+
+def machine() -> dict[str, Any]:
+    import uvloop
+    return {"cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+            "uvloop": uvloop.__version__, "load_average": os.getloadavg()}

@@ -1,0 +1,115 @@
+"""The benchmark harness's smoke mode, run as CI runs it: its output parses and has every field.
+
+No figure is checked against a number (the machine is shared and noisy); only
+that the runs ended and the reports hold what the README says they hold.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+from oms_pipeline.benchmark import advisor, scenario
+from oms_pipeline.benchmark.command import add_arguments, overrides
+from tests.support.daemon import ROOT
+
+pytestmark = pytest.mark.slow
+
+RUN_FIELDS = {"orders", "finished", "throughput", "latency_ms", "service_ms", "rss_peak_mb", "cpu_seconds",
+              "cpu_cores", "cpu_ms_per_order", "stages", "series", "system"}
+
+
+def bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "oms_pipeline.cli", "bench", *args, "--no-progress"],
+                          capture_output=True, text=True, timeout=240, cwd=ROOT)
+
+
+def test_smoke_writes_json_markdown_plots_and_an_advised_config(tmp_path):
+    done = bench("smoke", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    runs = results["runs"]
+    assert {"per_stage", "shared_pool", "per_order", "noop_pipeline", "advised"} <= set(runs)
+    for name in ("per_stage", "shared_pool", "per_order"):
+        assert RUN_FIELDS <= set(runs[name]), name
+        assert runs[name]["finished"] == runs[name]["orders"] == 300
+        assert set(runs[name]["latency_ms"]) == {"p50", "p95", "p99", "mean", "max"}
+    series = runs["per_stage"]["series"]
+    assert len(series["t"]) == len(series["finished"]) == len(series["rss_mb"]) > 1
+    assert set(series["stages"]) == {f"{'io' if i % 2 == 0 else 'cpu'}{i + 1:02d}" for i in range(16)}
+    assert {"depth", "util", "busy_s", "slots"} == set(series["stages"]["io01"])
+
+    c = results["comparisons"]
+    assert {"per_stage_over_shared_pool", "per_stage_over_per_order"} <= set(c["pool_strategies"])
+    assert {"orders_per_s", "tightest", "measured", "ratio", "bounds"} <= set(c["capacity"])
+    assert {"pipeline_orders_per_s", "raw_items_per_s", "ratio", "extra_us_per_hop"} <= set(c["overhead"])
+    assert {"pools", "grid", "best_hand_tuned_throughput", "advised_throughput", "ratio"} <= set(c["advisor"])
+
+    advised = tomllib.loads((tmp_path / "advised_pools.toml").read_text())
+    assert set(advised["stages"]) == set(c["advisor"]["pools"]) and all(
+        t["pool"] >= 1 for t in advised["stages"].values())
+    summary = (tmp_path / "summary.md").read_text()
+    for heading in ("## Runs", "## Pool strategies", "## Capacity", "## Runtime overhead", "## Pool-size advisor"):
+        assert heading in summary
+    for plot in results["plots"]:
+        assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(results["plots"]) == {"throughput.png", "latency.png", "queue_depth.png", "utilisation.png"}
+
+
+def test_the_embedded_daemon_scenario_in_smoke_mode(tmp_path):
+    done = bench("embedded", "--smoke", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    run = results["runs"]["embedded"]
+    assert RUN_FIELDS <= set(run)
+    assert run["finished"] == run["orders"] == 200
+    assert sum(run["ends"].values()) == 200
+    assert run["system"]["store"].startswith("sqlite:///")
+    assert set(run["service_ms"]) >= {"risk_check", "allocate", "dispatch_wms"}
+    assert "[stages." in results["comparisons"]["advisor"]["snippet"]
+    assert "## Stages of run `embedded`" in (tmp_path / "summary.md").read_text()
+
+
+def test_the_plain_entry_runs_the_same_code(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "harness.py"), "--list"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert {"smoke", "seed_mix", "embedded", "production", "burst_50k"} <= {
+        line.split()[0] for line in done.stdout.splitlines() if line.strip()}
+
+
+def test_every_shipped_scenario_loads_and_smoke_shrinks_it():
+    for path in sorted(scenario.SCENARIO_DIR.glob("*.toml")):
+        full = scenario.load(str(path))
+        small = scenario.load(path.stem, smoke=True)
+        assert small.load.count() <= min(full.load.count(), 300), path.stem
+        assert small.compare.peers == []
+
+
+def test_a_bad_scenario_key_is_refused_naming_it(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[load]\norderz = 5\n")
+    with pytest.raises(scenario.ScenarioError, match="orderz"):
+        scenario.load(str(bad))
+    done = bench(str(bad))
+    assert done.returncode == 2 and "orderz" in done.stderr
+
+
+def test_set_overrides_reach_nested_keys():
+    args = add_arguments(__import__("argparse").ArgumentParser()).parse_args(
+        ["x", "--orders", "10", "--set", "config.stage_defaults.io.pool=64", "--set", "compare.peers=[]"])
+    assert overrides(args) == {"load": {"orders": 10, "duration": 0.0}, "compare": {"peers": []},
+                               "config": {"stage_defaults": {"io": {"pool": 64}}}}
+
+
+def test_the_advisor_sizes_pools_by_littles_law():
+    stages = {"a": {"kind": "io", "mode": "async", "slots": 4}, "b": {"kind": "cpu", "mode": "inline", "slots": 1},
+              "c": {"kind": "io", "mode": "async", "slots": 32}}
+    service = {"a": 0.020, "b": 0.0005, "c": 0.080}
+    assert advisor.propose(stages, service, rate=200, utilisation=0.8) == {"a": 5, "c": 20}
+    cap = advisor.capacity(stages, service)
+    assert cap["tightest"] == "stage a" and cap["orders_per_s"] == 200.0
+    assert cap["bounds"]["event loop (inline cpu stages)"] == 2000.0

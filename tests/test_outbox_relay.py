@@ -1,0 +1,236 @@
+"""The outbox relay on the embedded adapters: the memory store's outbox, the in-process publisher,
+the simulated downstream systems. What a checkpoint writes is applied and marked done; what cannot
+go out stays in the outbox for a retry, and never blocks the rows behind it."""
+from __future__ import annotations
+
+from collections import Counter
+from contextlib import asynccontextmanager
+
+import anyio
+import orjson
+import pytest
+
+from oms_pipeline import config
+from oms_pipeline.adapters.memory_store import MemoryStore
+from oms_pipeline.adapters.sqlite_store import SqliteStore
+from oms_pipeline.adapters.simulated import EffectLog, SimSettings, build_simulated_ports
+from oms_pipeline.clock import VirtualClock
+from oms_pipeline.commands import command
+from oms_pipeline.ports import store as st
+from oms_pipeline.ports.store import Checkpoint, Command, Event, NewOrder
+from oms_pipeline.relay import LocalPublisher, PublisherUnavailable, Relay, message_id
+from tests.support.postgres import fresh_postgres_database
+
+pytestmark = pytest.mark.anyio
+
+START = 1_700_000_000.0
+
+
+def relay_settings(**overrides) -> config.RelaySettings:
+    return config.from_mapping({"relay": {"idle_sleep": 0.01, "max_backoff": 0.05, **overrides}}).relay
+
+
+async def sim_ports(table: dict | None = None):
+    log = EffectLog()
+    await log.open()
+    return build_simulated_ports(SimSettings.from_mapping(table or {}), VirtualClock(START), log), log
+
+
+async def stored_order(store: MemoryStore, order_no: str) -> None:
+    await store.create([NewOrder(order_no, "app", f"ext-{order_no}", "toc", st.QUEUED, "notify_paid",
+                                 "IN_FULFILMENT", START, b"{}")])
+    await store.outbox_done([row.id for row in await store.outbox_claim("setup", 100, 30, START)], START)
+
+
+async def checkpoint_with(store: MemoryStore, order_no: str, *commands: Command,
+                          events: tuple[Event, ...] = ()) -> None:
+    await store.checkpoint([Checkpoint(order_no, "payment", "late_payment", "", START + 1, st.CANCELLED,
+                                       "@cancelled", "CANCELLED", 0, None, b"{}", events=events,
+                                       commands=commands)])
+
+
+def refund(order_no: str, amount: int = 1990) -> Command:
+    return command("fms.refund", f"{order_no}:refund:P1", order_no=order_no, amount=amount,
+                   reason="paid after cancel", method="online")
+
+
+class Broken:
+    """A publisher whose transport is down until `repaired`."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.repaired = False
+        self.attempts = 0
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def publish(self, rows):
+        self.attempts += 1
+        if not self.repaired:
+            raise PublisherUnavailable("connection refused")
+        return await self.inner.publish(rows)
+
+
+@asynccontextmanager
+async def open_store(kind: str, tmp_path):
+    """Each store adapter with an outbox: in memory, SQLite (the embedded default), PostgreSQL."""
+    if kind == "memory":
+        yield MemoryStore()
+        return
+    if kind == "sqlite":
+        store = SqliteStore(str(tmp_path / "oms.sqlite3"))
+        await store.open()
+        try:
+            yield store
+        finally:
+            await store.close()
+        return
+    from oms_pipeline.adapters.postgres_store import PostgresStore, migrate
+    async with fresh_postgres_database() as url:
+        await migrate(url)
+        store = PostgresStore(url)
+        await store.open()
+        try:
+            yield store
+        finally:
+            await store.close()
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_commands_written_with_a_checkpoint_are_applied_once_and_marked_done(kind, tmp_path):
+    async with open_store(kind, tmp_path) as store:
+        ports, log = await sim_ports()
+        await stored_order(store, "O1")
+        cancelled = Event("O1", "PAID", "CANCELLED", START + 1)
+        await checkpoint_with(store, "O1", refund("O1"), events=(cancelled,))
+        relay = Relay(store, LocalPublisher(ports), VirtualClock(START + 2), relay_settings(), "test")
+
+        assert await relay.drain(5)
+
+        assert [(e.op, e.key) for e in log.applied("finance")] == [("refund", "O1:refund:P1")]
+        assert await store.outbox_pending() == 0 and relay.stats.pending == 0
+        assert relay.stats.published == {"fms.refund": 1, "order.cancelled": 1}
+        # Delivered again (a crash before outbox_done): the key makes it one refund.
+        await checkpoint_with(store, "O1", refund("O1"))
+        assert await relay.drain(5)
+        assert len(log.applied("finance")) == 1 and log.duplicates == {"finance": 1}
+
+
+async def test_a_failing_publisher_leaves_the_rows_for_a_retry_and_they_go_out_once_it_recovers():
+    store, (ports, log) = MemoryStore(), await sim_ports()
+    await stored_order(store, "O1")
+    await checkpoint_with(store, "O1", refund("O1"))
+    publisher = Broken(LocalPublisher(ports))
+    relay = Relay(store, publisher, VirtualClock(START + 2), relay_settings(), "test")
+
+    assert not await relay.drain(0.3)  # retried with backoff for as long as it was given
+
+    assert publisher.attempts >= 2
+    assert await store.outbox_pending() == 1 and log.applied("finance") == []
+    assert relay.stats.errors["unavailable"] >= 2
+    publisher.repaired = True
+    assert await relay.drain(5)
+    assert await store.outbox_pending() == 0 and len(log.applied("finance")) == 1
+
+
+async def test_an_undeliverable_command_stays_in_the_outbox_and_the_rest_flows_on():
+    store, (ports, log) = MemoryStore(), await sim_ports()
+    await stored_order(store, "O1")
+    bogus = Command("wms.teleport", "O1:teleport", orjson.dumps({"order_no": "O1"}))
+    await checkpoint_with(store, "O1", bogus, refund("O1"))
+    relay = Relay(store, LocalPublisher(ports), VirtualClock(START + 2), relay_settings(), "test")
+
+    assert await relay.drain(5)
+
+    assert len(log.applied("finance")) == 1  # the good one went out
+    assert await store.outbox_pending() == 1  # the bad one is kept
+    assert relay.stats.undeliverable == 1 and relay.stats.errors["undeliverable"] == 1
+    left = await store.outbox_claim("someone-else", 10, 0.0, START + 100)
+    assert [(r.topic, message_id(r)) for r in left] == [("wms.teleport", "O1:teleport")]
+
+
+async def test_a_downstream_outage_keeps_the_command_and_retries_it():
+    store, (ports, log) = MemoryStore(), await sim_ports({"failure_rate": {"finance": 1.0}})
+    await stored_order(store, "O1")
+    await checkpoint_with(store, "O1", refund("O1"))
+    relay = Relay(store, LocalPublisher(ports), VirtualClock(START + 2), relay_settings(), "test")
+
+    assert not await relay.drain(0.3)
+
+    assert await store.outbox_pending() == 1 and log.applied("finance") == []
+    assert relay.stats.errors["transient"] + relay.stats.errors["unavailable"] >= 2
+
+
+async def test_events_go_to_in_process_subscribers_with_their_message_ids():
+    store, (ports, _) = MemoryStore(), await sim_ports()
+    await stored_order(store, "O1")
+    seen = []
+
+    async def subscriber(row) -> None:
+        seen.append((row.topic, message_id(row), orjson.loads(row.payload)))
+
+    await checkpoint_with(store, "O1", events=(Event("O1", "PAID", "CANCEL_REQUESTED", START + 1),
+                                               Event("O1", "CANCEL_REQUESTED", "CANCELLED", START + 1)))
+    relay = Relay(store, LocalPublisher(ports, subscribers=[subscriber]), VirtualClock(START + 2),
+                  relay_settings(), "test")
+    assert await relay.drain(5)
+
+    assert [topic for topic, _, _ in seen] == ["order.cancel_requested", "order.cancelled"]
+    assert all(mid.startswith("O1:event:") for _, mid, _ in seen) and len({mid for _, mid, _ in seen}) == 2
+    assert seen[1][2] == {"order_no": "O1", "from": "CANCEL_REQUESTED", "to": "CANCELLED", "at": START + 1}
+    assert await store.outbox_pending() == 0
+
+
+async def test_the_running_relay_picks_up_rows_as_checkpoints_write_them():
+    store, (ports, log) = MemoryStore(), await sim_ports()
+    relay = Relay(store, LocalPublisher(ports), VirtualClock(START + 2), relay_settings(idle_sleep=5.0), "test")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(relay.run)
+        for n in range(3):
+            await stored_order(store, f"O{n}")
+        for n in range(3):
+            await checkpoint_with(store, f"O{n}", refund(f"O{n}"))
+            relay.on_end("@cancelled", "", None)  # what the pipeline calls at an order's end
+        with anyio.fail_after(10):
+            while len(log.applied("finance")) < 3:
+                await anyio.sleep(0.01)
+        tg.cancel_scope.cancel()
+    assert await store.outbox_pending() == 0
+
+
+class Recording:
+    """A publisher that counts what it was handed, by message id."""
+
+    def __init__(self) -> None:
+        self.seen: Counter[str] = Counter()
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def publish(self, rows):
+        self.seen.update(message_id(r) for r in rows)
+        await anyio.sleep(0.001)  # a confirm's round trip: lanes and relays interleave here
+        return []
+
+
+async def test_two_instances_with_two_lanes_each_share_one_outbox_without_publishing_twice():
+    store = MemoryStore()
+    for n in range(1000):
+        await stored_order(store, f"O{n}")
+    for n in range(1000):
+        await checkpoint_with(store, f"O{n}", refund(f"O{n}"))
+    publisher = Recording()
+    settings = relay_settings(batch=50, lanes=2)
+    relays = [Relay(store, publisher, VirtualClock(START + 2), settings, f"host-{i}:0") for i in range(2)]
+    async with anyio.create_task_group() as tg:
+        for relay in relays:
+            tg.start_soon(relay.run)
+        with anyio.fail_after(20):
+            while await store.outbox_pending():
+                await anyio.sleep(0.01)
+        tg.cancel_scope.cancel()
+    assert len(publisher.seen) == 1000 and set(publisher.seen.values()) == {1}
+    assert all(sum(r.stats.published.values()) > 0 for r in relays)  # both took part
