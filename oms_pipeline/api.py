@@ -91,7 +91,7 @@ async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse
         return problem(413, f"body larger than {request.client_max_size} bytes")
     except web.HTTPException as exc:
         return problem(exc.status, exc.reason)
-    except (ShuttingDown, StockUnavailable) as exc:
+    except (ShuttingDown, StockUnavailable, st.StoreUnavailable) as exc:
         return problem(503, str(exc))
     except Exception:  # noqa: BLE001 - logged with the request id; the daemon keeps serving
         log.exception("request failed", extra={"event": "http_error", "path": request.path})

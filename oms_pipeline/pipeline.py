@@ -39,6 +39,7 @@ END_STATES = {routing.DONE: st.DONE, routing.CANCELLED: st.CANCELLED,
 STATUS_OF_STATE = {st.QUEUED: states.IN_FULFILMENT, st.DONE: states.DISPATCHED, st.MANUAL: states.MANUAL_REVIEW,
                    st.SPLIT: states.SPLIT}
 IN_FULFILMENT = states.IN_FULFILMENT
+STORE_RETRY_FIRST, STORE_RETRY_MAX = 0.05, 5.0  # seconds between attempts while the store is away
 
 
 def move(order: Order, to: str, now: float, events: list[Event]) -> None:
@@ -137,6 +138,7 @@ class Pipeline:
                 self._tg.start_soon(worker.run)
             self._tg.start_soon(self.timers.run, self._on_due)
             self._tg.start_soon(self._resume_stored)
+            self._tg.start_soon(self._sweeper)
             for service in self.services:
                 self._tg.start_soon(service)
             task_status.started()
@@ -206,7 +208,7 @@ class Pipeline:
             jobs.append(Job(order, route, route.first, 0, now))
             rows.append(NewOrder(order.order_no, order.source, order.external_id, order.kind, state,
                                  route.first, order.status, now, order_codec.encode(order), order.parent_no,
-                                 tuple(events), order.member_id))
+                                 tuple(events), order.member_id, order.pay_deadline if wait_pay else None))
         results = await self.store.create(rows)
         started = [job for job, (_, created) in zip(jobs, results) if created]
         self.intake_count += len(started)
@@ -538,8 +540,20 @@ class Pipeline:
             move(order, STATUS_OF_STATE[state], now, events)
 
     async def _checkpoint(self, records: list[Checkpoint]) -> None:
-        if self.store.persistent:
-            await self.store.checkpoint(records)
+        """Write stage boundaries; while the store is away (a database restart) wait and write
+        them again: the batch stays in flight, nothing moves on unrecorded, nothing is lost."""
+        if not self.store.persistent:
+            return
+        delay = STORE_RETRY_FIRST
+        while True:
+            try:
+                await self.store.checkpoint(records)
+                return
+            except st.StoreUnavailable as exc:
+                log.warning("store unavailable; checkpoint retried", extra={
+                    "event": "store_unavailable", "count": len(records), "reason": str(exc)})
+                await anyio.sleep(delay)  # infrastructure, not business time: the real clock
+                delay = min(delay * 2, STORE_RETRY_MAX)
 
     def _end(self, job: Job, end: str, reason: str) -> None:
         order = job.order
@@ -561,7 +575,15 @@ class Pipeline:
         self._changed.set()
 
     async def _settle_parent(self, parent_no: str) -> None:
-        """A parent ends once every child has: done if any child was dispatched."""
+        """A parent ends once every child has: done if any child was dispatched. With the store
+        away it is settled at the next start (`_resume_stored` settles every waiting parent)."""
+        try:
+            await self._settle(parent_no)
+        except st.StoreUnavailable:
+            log.warning("split parent not settled: the store is away", extra={
+                "event": "store_unavailable", "order_no": parent_no})
+
+    async def _settle(self, parent_no: str) -> None:
         children = await self.store.children(parent_no)
         if not children or any(c.state not in st.TERMINAL_STATES for c in children):
             return
@@ -580,10 +602,13 @@ class Pipeline:
 
     async def _on_due(self, due: list[Due]) -> None:
         for item in due:
-            if item.purpose == "resume":
-                await self._resume(item.order_no)
-            elif item.purpose == "pay_deadline":
-                await self.expire_payment(item.order_no)
+            try:
+                if item.purpose == "resume":
+                    await self._resume(item.order_no)
+                elif item.purpose == "pay_deadline":
+                    await self.expire_payment(item.order_no)
+            except st.StoreUnavailable:  # the store is away: the same wake-up, a little later
+                await self.timers.schedule(item.purpose, item.order_no, self.clock.now() + STORE_RETRY_MAX)
 
     async def _resume(self, order_no: str) -> None:
         stored = await self.store.get(order_no)
@@ -617,13 +642,43 @@ class Pipeline:
         after = ""
         while parents := await self.store.in_state(st.SPLIT, 500, after):
             for parent in parents:
-                await self._settle_parent(parent.order_no)
+                await self._settle(parent.order_no)
             after = parents[-1].order_no
         if resumed:
             log.info("resumed stored orders", extra={"event": "resume", "count": resumed})
 
+    async def _sweeper(self) -> None:
+        """Seed 001's 补漏 job, a safety net behind the timers: a wake-up or pay deadline the broker
+        lost (dead-lettering is not confirmed) is found in the store and fired, so no order waits
+        forever. Slow and in real time: the timers, not this, are the hot path."""
+        while True:
+            await anyio.sleep(self.settings.broker.sweep_interval)
+            try:
+                await self.sweep()
+            except st.StoreUnavailable:
+                pass  # next time
+
+    async def sweep(self) -> int:
+        """Fire every wake-up and pay deadline overdue by more than broker.sweep_grace; returns how many."""
+        fired = 0
+        before = self.clock.now() - self.settings.broker.sweep_grace
+        for stored in await self.store.overdue(before, 1000):
+            if stored.order_no in self.in_flight:
+                continue
+            if stored.state == st.PARKED:
+                await self._resume(stored.order_no)
+            else:
+                await self.expire_payment(stored.order_no)
+            fired += 1
+        if fired:
+            log.warning("sweeper fired overdue timers", extra={"event": "timers_swept", "count": fired})
+        return fired
+
     async def refresh_state_counts(self) -> None:
-        self.state_counts = await self.store.counts()
+        try:
+            self.state_counts = await self.store.counts()
+        except st.StoreUnavailable:
+            pass  # a gauge: the last counts stand until the store is back
 
     # -- waiting (tests, benchmark, shutdown) ---------------------------------
 

@@ -210,7 +210,7 @@ class Reverse:
                 return record
             try:
                 await self._work(record)
-            except (TransientError, Busy, TimeoutError) as exc:
+            except (TransientError, Busy, TimeoutError, st.StoreUnavailable) as exc:
                 self._waits.set()  # `run` tries again after retry_interval
                 log.info("reverse request waits", extra={"event": "reverse_waits", "reverse_no": number,
                                                          "order_no": record.order_no, "reason": str(exc)})
@@ -494,13 +494,19 @@ class Reverse:
         """At start, every open request; later, those that had to wait, every retry_interval.
         With none waiting no clock timer is set (a virtual clock stepping to its next timer
         would otherwise never come to rest)."""
-        waiting = await self.resume_open()
+        waiting = await self._resume_safely()
         while True:
             if not waiting:
                 self._waits = anyio.Event()
                 await self._waits.wait()
             await self.clock.sleep_until(self.clock.now() + self.settings.retry_interval)
-            waiting = await self.resume_open()
+            waiting = await self._resume_safely()
+
+    async def _resume_safely(self) -> int:
+        try:
+            return await self.resume_open()
+        except st.StoreUnavailable:
+            return 1  # the store is away: look again after retry_interval
 
     async def resume_open(self) -> int:
         """Work every reverse order still in `requested`; give paused orders nobody works back.

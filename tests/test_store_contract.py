@@ -194,3 +194,13 @@ async def test_reverse_orders_change_with_the_checkpoint_and_closed_ones_leave_t
     await store.checkpoint([cp("N1", "reverse", st.CANCELLED, "@cancelled", reverse=(done,))])
     assert await store.reverse_get("R1") == done
     assert [r.reverse_no for r in await store.reverse_open()] == ["R3"]
+
+
+async def test_overdue_lists_parked_and_waiting_orders_by_wake_time(store):
+    await store.create([new("N1", state=st.WAIT_PAY)._replace(wake_at=150.0), new("N2"),
+                        new("N3", state=st.WAIT_PAY)._replace(wake_at=300.0)])
+    await store.checkpoint([cp("N2", "a", st.PARKED, "a", wake_at=120.0)])
+    assert [o.order_no for o in await store.overdue(200.0)] == ["N2", "N1"]
+    assert [o.order_no for o in await store.overdue(200.0, limit=1)] == ["N2"]
+    await store.checkpoint([cp("N2", "a", st.QUEUED, "b")])
+    assert [o.order_no for o in await store.overdue(1000.0)] == ["N1", "N3"]

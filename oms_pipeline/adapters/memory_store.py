@@ -6,8 +6,8 @@ contract, but nothing survives the process. With `checkpoints=False`
 """
 from __future__ import annotations
 
-from ..ports.store import (ACTIVE_STATES, REVERSE_CLOSED, Checkpoint, Event, HistoryEntry, NewOrder, OutboxRow,
-                           ReverseRecord, StoredOrder, outbox_entries)
+from ..ports.store import (ACTIVE_STATES, PARKED, REVERSE_CLOSED, WAIT_PAY, Checkpoint, Event, HistoryEntry,
+                           NewOrder, OutboxRow, ReverseRecord, StoredOrder, outbox_entries)
 
 
 class MemoryStore:
@@ -55,7 +55,7 @@ class MemoryStore:
         self._members[o.order_no] = o.member_id
         if o.parent_no is not None:
             self._children.setdefault(o.parent_no, []).append(o.order_no)
-        self._orders[o.order_no] = StoredOrder(o.order_no, o.kind, o.state, o.stage, o.status, 0, None,
+        self._orders[o.order_no] = StoredOrder(o.order_no, o.kind, o.state, o.stage, o.status, 0, o.wake_at,
                                                o.doc, o.parent_no, o.at)
 
     async def checkpoint(self, records: list[Checkpoint]) -> None:
@@ -152,6 +152,11 @@ class MemoryStore:
 
     async def outbox_pending(self) -> int:
         return len(self._outbox)
+
+    async def overdue(self, before: float, limit: int = 500) -> list[StoredOrder]:
+        found = [o for o in self._orders.values()
+                 if o.state in (PARKED, WAIT_PAY) and o.wake_at is not None and o.wake_at < before]
+        return sorted(found, key=lambda o: o.wake_at)[:limit]
 
     async def reverse_create(self, record: ReverseRecord) -> tuple[str, bool]:
         existing = self._reverse_keys.get((record.order_no, record.request_key))

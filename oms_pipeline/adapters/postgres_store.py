@@ -35,7 +35,7 @@ import asyncpg
 
 from .. import sqlfiles
 from ..ports.store import (Checkpoint, Event, HistoryEntry, NewOrder, OutboxRow, ReverseRecord, StoredOrder,
-                           outbox_entries)
+                           StoreUnavailable, outbox_entries)
 
 Q = sqlfiles.queries("postgres")
 ACQUIRE_TIMEOUT = 30.0  # never wait forever for a connection (PITFALLS 11)
@@ -44,6 +44,9 @@ DEFAULT_WRITERS = 2
 # asyncpg cannot retry inside a transaction (PITFALLS 9); a deadlock between
 # two writers aborts one of them. Both succeed when the whole transaction runs again.
 RETRIED = (asyncpg.InvalidCachedStatementError, asyncpg.DeadlockDetectedError)
+# The server is away (restarting, shutting down, unreachable): callers wait and try again.
+UNREACHABLE = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+               asyncpg.CannotConnectNowError, asyncpg.AdminShutdownError, asyncpg.ConnectionFailureError)
 
 
 class MigrationNeeded(RuntimeError):
@@ -195,7 +198,8 @@ class PostgresStore:
         _settle(batch, None)
 
     async def _transaction(self, work: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
-        """Run `work` in one transaction; once more from the start on a stale statement or deadlock."""
+        """Run `work` in one transaction; once more from the start on a stale statement or deadlock.
+        A lost connection (the server restarting, a network cut) is StoreUnavailable."""
         for attempt in (1, 2):
             try:
                 async with self._acquire() as conn, conn.transaction():
@@ -203,6 +207,8 @@ class PostgresStore:
             except RETRIED:
                 if attempt == 2:
                     raise
+            except UNREACHABLE as exc:
+                raise StoreUnavailable(f"postgresql: {type(exc).__name__}: {exc}") from None
 
     def _acquire(self) -> Any:
         if self._pool is None:
@@ -213,8 +219,11 @@ class PostgresStore:
 
     async def _rows(self, query: str, *args: Any) -> list[asyncpg.Record]:
         # Outside a transaction asyncpg itself re-prepares a stale statement once.
-        async with self._acquire() as conn:
-            return await conn.fetch(Q[query], *args)
+        try:
+            async with self._acquire() as conn:
+                return await conn.fetch(Q[query], *args)
+        except UNREACHABLE as exc:
+            raise StoreUnavailable(f"postgresql: {type(exc).__name__}: {exc}") from None
 
     async def get(self, order_no: str) -> StoredOrder | None:
         rows = await self._rows("get_order", order_no)
@@ -251,6 +260,9 @@ class PostgresStore:
 
     async def outbox_pending(self) -> int:
         return (await self._rows("outbox_pending"))[0][0]
+
+    async def overdue(self, before: float, limit: int = 500) -> list[StoredOrder]:
+        return [StoredOrder(*r) for r in await self._rows("overdue", before, limit)]
 
     async def reverse_get(self, reverse_no: str) -> ReverseRecord | None:
         rows = await self._rows("reverse_get", reverse_no)
@@ -383,7 +395,7 @@ async def _insert_orders(conn: asyncpg.Connection, query: str, orders: list[NewO
     if not orders:
         return set()
     values = [(o.order_no, o.source, o.external_id, o.kind, o.state, o.stage, o.status, o.parent_no,
-               o.doc, o.at, o.member_id) for o in orders]
+               o.doc, o.at, o.member_id, o.wake_at) for o in orders]
     return {row[0] for row in await conn.fetch(Q[query], *_columns(values))}
 
 

@@ -192,6 +192,9 @@ class SqliteStore:
     async def outbox_pending(self) -> int:
         return (await self._rows(Q["outbox_pending"]))[0][0]
 
+    async def overdue(self, before: float, limit: int = 500) -> list[StoredOrder]:
+        return [StoredOrder(*r) for r in await self._rows(Q["overdue"], before, limit)]
+
     async def reverse_get(self, reverse_no: str) -> ReverseRecord | None:
         rows = await self._rows(Q["reverse_get"], reverse_no)
         return ReverseRecord(*rows[0]) if rows else None
@@ -214,8 +217,8 @@ def _settle(requests: list[_Request], error: BaseException | None) -> None:
 
 
 def _insert_row(conn: sqlite3.Connection, o: NewOrder) -> bool:
-    cur = conn.execute(Q["create_order"], (o.order_no, o.source, o.external_id, o.kind, o.state,
-                                           o.stage, o.status, o.parent_no, o.doc, o.at, o.at, o.member_id))
+    cur = conn.execute(Q["create_order"], (o.order_no, o.source, o.external_id, o.kind, o.state, o.stage,
+                                           o.status, o.wake_at, o.parent_no, o.doc, o.at, o.at, o.member_id))
     return cur.rowcount == 1
 
 

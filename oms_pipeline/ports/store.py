@@ -26,6 +26,12 @@ ACTIVE_STATES = frozenset({QUEUED, PARKED, WAIT_PAY})
 REVERSE_CLOSED = frozenset({"done", "refused"})
 
 
+class StoreUnavailable(Exception):
+    """The store cannot be reached now (a database restart, a network cut): try again. A write
+    that raised it may or may not have committed; every write the pipeline retries is idempotent
+    (the same state again) or keyed (outbox commands)."""
+
+
 class Event(NamedTuple):
     """A business state change, written with the checkpoint that made it (the outbox)."""
 
@@ -84,6 +90,7 @@ class NewOrder(NamedTuple):
     parent_no: str | None = None
     events: tuple[Event, ...] = ()
     member_id: str = ""
+    wake_at: float | None = None  # waiting for payment: the pay deadline (the sweeper's safety net)
 
 
 class Checkpoint(NamedTuple):
@@ -171,6 +178,10 @@ class Store(Protocol):
 
     async def counts(self) -> dict[str, int]:
         """Number of orders per runtime state."""
+
+    async def overdue(self, before: float, limit: int = 500) -> list[StoredOrder]:
+        """Parked or payment-waiting orders whose wake_at (wake time, pay deadline) is before
+        `before`, earliest first: what the sweeper re-fires when a timer was lost."""
 
     # -- the outbox ---------------------------------------------------------------
 

@@ -31,11 +31,11 @@ SELECT version FROM schema_migrations ORDER BY version;
 -- and is absent from RETURNING.
 INSERT INTO orders (order_no, source, external_id, kind, state, stage, status, attempts, wake_at,
                     parent_no, doc, created_at, updated_at, member_id)
-SELECT n.order_no, n.source, n.external_id, n.kind, n.state, n.stage, n.status, 0, NULL,
+SELECT n.order_no, n.source, n.external_id, n.kind, n.state, n.stage, n.status, 0, n.wake_at,
        n.parent_no, n.doc, n.at, n.at, n.member_id
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-            $8::text[], $9::bytea[], $10::float8[], $11::text[])
-     AS n(order_no, source, external_id, kind, state, stage, status, parent_no, doc, at, member_id)
+            $8::text[], $9::bytea[], $10::float8[], $11::text[], $12::float8[])
+     AS n(order_no, source, external_id, kind, state, stage, status, parent_no, doc, at, member_id, wake_at)
 ON CONFLICT (source, external_id) DO NOTHING
 RETURNING order_no;
 
@@ -43,11 +43,11 @@ RETURNING order_no;
 -- A replayed split stores no second set of children (either key may repeat).
 INSERT INTO orders (order_no, source, external_id, kind, state, stage, status, attempts, wake_at,
                     parent_no, doc, created_at, updated_at, member_id)
-SELECT n.order_no, n.source, n.external_id, n.kind, n.state, n.stage, n.status, 0, NULL,
+SELECT n.order_no, n.source, n.external_id, n.kind, n.state, n.stage, n.status, 0, n.wake_at,
        n.parent_no, n.doc, n.at, n.at, n.member_id
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-            $8::text[], $9::bytea[], $10::float8[], $11::text[])
-     AS n(order_no, source, external_id, kind, state, stage, status, parent_no, doc, at, member_id)
+            $8::text[], $9::bytea[], $10::float8[], $11::text[], $12::float8[])
+     AS n(order_no, source, external_id, kind, state, stage, status, parent_no, doc, at, member_id, wake_at)
 ON CONFLICT DO NOTHING
 RETURNING order_no;
 
@@ -182,3 +182,7 @@ FROM reverse_orders WHERE order_no = $1 ORDER BY created_at, reverse_no;
 -- name: reverse_open
 SELECT reverse_no, order_no, request_key, kind, state, created_at, updated_at, doc
 FROM reverse_orders WHERE state NOT IN ('done', 'refused') AND reverse_no > $1 ORDER BY reverse_no LIMIT $2;
+
+-- name: overdue
+SELECT order_no, kind, state, stage, status, attempts, wake_at, doc, parent_no, updated_at
+FROM orders WHERE state IN ('parked', 'wait_pay') AND wake_at < $1 ORDER BY wake_at LIMIT $2;

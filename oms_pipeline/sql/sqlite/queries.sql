@@ -1,7 +1,7 @@
 -- name: create_order
 INSERT INTO orders (order_no, source, external_id, kind, state, stage, status, attempts, wake_at,
                     parent_no, doc, created_at, updated_at, member_id)
-VALUES (?, ?, ?, ?, ?, ?, ?, 0, NULL, ?, ?, ?, ?, ?)
+VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (source, external_id) DO NOTHING;
 
 -- name: order_no_by_external
@@ -106,3 +106,7 @@ FROM reverse_orders WHERE order_no = ? ORDER BY created_at, reverse_no;
 -- name: reverse_open
 SELECT reverse_no, order_no, request_key, kind, state, created_at, updated_at, doc
 FROM reverse_orders WHERE state NOT IN ('done', 'refused') AND reverse_no > ? ORDER BY reverse_no LIMIT ?;
+
+-- name: overdue
+SELECT order_no, kind, state, stage, status, attempts, wake_at, doc, parent_no, updated_at
+FROM orders WHERE state IN ('parked', 'wait_pay') AND wake_at < ? ORDER BY wake_at LIMIT ?;
