@@ -184,6 +184,7 @@ async def build(settings: Settings, *, clock: Clock | None = None) -> App:
     stack = AsyncExitStack()
     try:
         store = _store_for(settings.store.url, settings)
+        store.own(f"instance-{settings.daemon.instance_id}", settings.store.lease)
         await _open_store(store)
         stack.push_async_callback(store.close)
         sim = SimSettings.from_mapping(settings.downstream)

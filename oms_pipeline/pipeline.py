@@ -139,6 +139,9 @@ class Pipeline:
             self._tg.start_soon(self.timers.run, self._on_due)
             self._tg.start_soon(self._resume_stored)
             self._tg.start_soon(self._sweeper)
+            if getattr(self.store, "holder", ""):
+                await self.store.renew(self.clock.now())  # alive before anything is resumed or taken over
+                self._tg.start_soon(self._keep_alive)
             for service in self.services:
                 self._tg.start_soon(service)
             task_status.started()
@@ -379,8 +382,8 @@ class Pipeline:
                     at = stage  # a replay from the exception centre runs this stage again
             if persistent:
                 records.append(self._record(job, stage, kind, outcome.reason, state, at, None, now, children))
-        if records:
-            await self._checkpoint(records)
+        if records and (lost := await self._checkpoint(records)):
+            moves, later, ends = self._without(lost, moves, later, ends)
         for target, jobs in moves.items():
             if self.pausing:
                 jobs = self._hold(jobs)
@@ -398,6 +401,18 @@ class Pipeline:
             else:
                 self._end(job, end, reason)
         self._changed.set()
+
+    def _without(self, lost: set[str], moves: dict[str, list[Job]], later: list, ends: list) -> tuple:
+        """Another instance took these orders over (ours was presumed dead): they are its to move."""
+        log.warning("orders taken over by another instance; their stage results are dropped here",
+                    extra={"event": "orders_lost", "count": len(lost)})
+        for no in lost:
+            self._leave(no)
+        moves = {target: [j for j in jobs if j.order.order_no not in lost] for target, jobs in moves.items()}
+        later = [(j, wake) for j, wake in later if j.order.order_no not in lost]
+        ends = [(j, end, why) for j, end, why in ends
+                if j.order.order_no not in lost and j.order.parent_no not in lost]
+        return moves, later, ends
 
     def _hold(self, jobs: list[Job]) -> list[Job]:
         """Jobs the reverse flow asked to stop leave here (their checkpoint said PAUSED)."""
@@ -417,11 +432,11 @@ class Pipeline:
             return batch
         going = [job for job in batch if job.order.order_no not in self.pausing]
         now = self.clock.now()
-        await self._checkpoint([self._record(job, stage, "pause", "reverse request", st.PAUSED, stage, None, now)
-                                for job in held])
+        lost = await self._checkpoint([self._record(job, stage, "pause", "reverse request", st.PAUSED, stage,
+                                                    None, now) for job in held])
         for job in held:
             self._leave(job.order.order_no)
-        return going
+        return [job for job in going if job.order.order_no not in lost]
 
     def _leave(self, order_no: str) -> None:
         """The order is at rest: no longer worked on here; whoever waits to pause it goes on."""
@@ -539,16 +554,16 @@ class Pipeline:
         else:
             move(order, STATUS_OF_STATE[state], now, events)
 
-    async def _checkpoint(self, records: list[Checkpoint]) -> None:
+    async def _checkpoint(self, records: list[Checkpoint]) -> set[str]:
         """Write stage boundaries; while the store is away (a database restart) wait and write
-        them again: the batch stays in flight, nothing moves on unrecorded, nothing is lost."""
+        them again: the batch stays in flight, nothing moves on unrecorded, nothing is lost.
+        Returns the orders another instance took over meanwhile (their records were refused)."""
         if not self.store.persistent:
-            return
+            return set()
         delay = STORE_RETRY_FIRST
         while True:
             try:
-                await self.store.checkpoint(records)
-                return
+                return await self.store.checkpoint(records) or set()
             except st.StoreUnavailable as exc:
                 log.warning("store unavailable; checkpoint retried", extra={
                     "event": "store_unavailable", "count": len(records), "reason": str(exc)})
@@ -617,7 +632,8 @@ class Pipeline:
         if stored.wake_at is not None and stored.wake_at > self.clock.now():
             await self.timers.schedule("resume", order_no, stored.wake_at)  # a stale, early timer
             return
-        await self._start(self._job(stored))
+        if await self.store.claim(order_no, st.PARKED, self.clock.now()):  # its wake-up may come to any instance
+            await self._start(self._job(stored))
 
     def _job(self, stored: StoredOrder) -> Job:
         order = order_codec.decode(stored.doc)
@@ -646,6 +662,22 @@ class Pipeline:
             after = parents[-1].order_no
         if resumed:
             log.info("resumed stored orders", extra={"event": "resume", "count": resumed})
+
+    async def _keep_alive(self) -> None:
+        """Several instances on one database (DESIGN R-1.6): renew this instance's liveness, and
+        take over the queued orders of instances whose liveness lapsed (they died)."""
+        lease = self.store.lease
+        while True:
+            await anyio.sleep(lease / 3)
+            try:
+                await self.store.renew(self.clock.now())
+                taken = await self.store.take_over(self.clock.now())
+            except st.StoreUnavailable:
+                continue
+            if taken:
+                log.warning("took over the orders of an instance that stopped", extra={
+                    "event": "orders_taken_over", "count": len(taken)})
+                await self._start_many([self._job(stored) for stored in taken])
 
     async def _sweeper(self) -> None:
         """Seed 001's 补漏 job, a safety net behind the timers: a wake-up or pay deadline the broker

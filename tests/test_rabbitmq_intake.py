@@ -28,6 +28,7 @@ from oms_pipeline.generator import generate
 from oms_pipeline.health import Health
 from oms_pipeline.ports.intake import ACCEPTED, INVALID, Verdict
 from tests.conftest import require_service
+from tests.support.rabbitmq import Publisher
 from tests.support.daemon import Daemon, write_config
 
 pytestmark = [pytest.mark.anyio, pytest.mark.rabbitmq]
@@ -317,38 +318,6 @@ async def test_readiness_probes_are_shared_and_name_what_is_down():
 
 def rabbitmqctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=120)
-
-
-class Publisher(threading.Thread):
-    """An upstream system: publishes each order until it is confirmed, riding out a broker restart."""
-
-    def __init__(self, queue: str, bodies: list[bytes]) -> None:
-        super().__init__(daemon=True)
-        self.queue, self.bodies, self.sent, self.error = queue, bodies, 0, None
-
-    def run(self) -> None:
-        try:
-            anyio.run(self._publish_all)
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
-            self.error = exc
-
-    async def _publish_all(self) -> None:
-        connection = await aio_pika.connect_robust(URL)
-        async with connection:
-            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-            for body in self.bodies:
-                await self._until_confirmed(channel, body)
-                self.sent += 1
-                await anyio.sleep(0.005)  # a steady stream rather than one burst
-
-    async def _until_confirmed(self, channel, body: bytes) -> None:
-        while True:
-            try:
-                await channel.default_exchange.publish(aio_pika.Message(
-                    body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT), self.queue, mandatory=True)
-                return
-            except (aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError):
-                await anyio.sleep(0.2)
 
 
 @pytest.mark.slow

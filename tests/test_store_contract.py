@@ -204,3 +204,40 @@ async def test_overdue_lists_parked_and_waiting_orders_by_wake_time(store):
     assert [o.order_no for o in await store.overdue(200.0, limit=1)] == ["N2"]
     await store.checkpoint([cp("N2", "a", st.QUEUED, "b")])
     assert [o.order_no for o in await store.overdue(1000.0)] == ["N1", "N3"]
+
+
+async def test_an_order_another_holder_took_over_is_not_checkpointed_by_its_old_owner(store):
+    store.own("A", 10.0)
+    await store.renew(100.0)  # A alive until 110
+    await store.create([new("N1"), new("N2")])
+    store.own("B", 10.0)
+    await store.renew(100.0)
+    assert await store.checkpoint([cp("N1", "a", st.QUEUED, "b")]) == {"N1"}  # A's, and A is alive
+    assert [h.outcome for h in await store.history("N1")] == ["created"]
+    assert [o.order_no for o in await store.active()] == []  # a live owner's queued orders: not ours
+    assert await store.take_over(105.0) == []
+    assert sorted(o.order_no for o in await store.take_over(111.0)) == ["N1", "N2"]  # A presumed dead
+    assert await store.take_over(111.0) == []
+    assert await store.checkpoint([cp("N1", "a", st.QUEUED, "b", at=112.0)]) == set()
+    store.own("A", 10.0)  # A was only slow: its late completions are refused
+    assert await store.checkpoint([cp("N1", "b", st.QUEUED, "c", at=113.0), cp("N2", "a", st.QUEUED, "b")]) \
+        == {"N1", "N2"}
+    assert (await store.get("N1")).stage == "b"
+    # A compare-and-set (a payment, a timeout) takes an order over whoever owned it.
+    assert await store.checkpoint_if(cp("N1", "b", st.PARKED, "b", at=114.0, wake_at=200.0), st.QUEUED)
+    assert await store.checkpoint([cp("N1", "b", st.PARKED, "b", at=115.0, wake_at=200.0)]) == set()
+    store.own("B", 10.0)
+    assert await store.claim("N1", st.PARKED, 201.0)  # its wake-up came to B
+    assert not await store.claim("N1", st.QUEUED, 201.0)
+    store.own("A", 10.0)
+    assert await store.checkpoint([cp("N1", "b", st.QUEUED, "c", at=202.0)]) == {"N1"}
+
+
+async def test_a_live_instance_keeps_its_orders_and_a_restarted_one_resumes_them(store):
+    store.own("A", 10.0)
+    await store.create([new("N1")])
+    await store.renew(150.0)  # A alive until 160
+    store.own("B", 10.0)
+    assert await store.take_over(155.0) == []
+    store.own("A", 10.0)  # A restarted under the same name: its orders are still its own
+    assert [o.order_no for o in await store.active()] == ["N1"]

@@ -6,7 +6,7 @@ contract, but nothing survives the process. With `checkpoints=False`
 """
 from __future__ import annotations
 
-from ..ports.store import (ACTIVE_STATES, PARKED, REVERSE_CLOSED, WAIT_PAY, Checkpoint, Event, HistoryEntry,
+from ..ports.store import (ACTIVE_STATES, PARKED, QUEUED, REVERSE_CLOSED, WAIT_PAY, Checkpoint, Event, HistoryEntry,
                            NewOrder, OutboxRow, ReverseRecord, StoredOrder, outbox_entries)
 
 
@@ -27,6 +27,18 @@ class MemoryStore:
         self._outbox_ids = 0
         self._reverse: dict[str, ReverseRecord] = {}
         self._reverse_keys: dict[tuple[str, str], str] = {}
+        self.holder, self.lease = "", 30.0
+        self._owners: dict[str, str] = {}  # order -> its owner
+        self._alive: dict[str, float] = {}  # holder -> alive until
+
+    def own(self, holder: str, lease: float) -> None:
+        self.holder, self.lease = holder, lease
+
+    def _mine(self, order_no: str) -> bool:
+        return not self.holder or self._owners.get(order_no, "") in ("", self.holder)
+
+    def _hold(self, order_no: str, at: float = 0.0) -> None:
+        self._owners[order_no] = self.holder
 
     async def open(self) -> None:
         pass
@@ -57,12 +69,19 @@ class MemoryStore:
             self._children.setdefault(o.parent_no, []).append(o.order_no)
         self._orders[o.order_no] = StoredOrder(o.order_no, o.kind, o.state, o.stage, o.status, 0, o.wake_at,
                                                o.doc, o.parent_no, o.at)
+        self._hold(o.order_no)
 
-    async def checkpoint(self, records: list[Checkpoint]) -> None:
+    async def checkpoint(self, records: list[Checkpoint]) -> set[str]:
+        rejected = {r.order_no for r in records if not self._mine(r.order_no)}
+        self._write([r for r in records if r.order_no not in rejected])
+        return rejected
+
+    def _write(self, records: list[Checkpoint]) -> None:
         for r in records:
             old = self._orders.get(r.order_no)
             if old is None:
                 continue
+            self._hold(r.order_no)
             self._orders[r.order_no] = old._replace(state=r.state, stage=r.stage, status=r.status,
                                                     attempts=r.attempts, wake_at=r.wake_at, doc=r.doc,
                                                     updated_at=r.at)
@@ -83,8 +102,26 @@ class MemoryStore:
         current = self._orders.get(record.order_no)
         if current is None or current.state != expect_state:
             return False
-        await self.checkpoint([record])
+        self._write([record])  # a compare-and-set takes the order over
         return True
+
+    async def claim(self, order_no: str, expect_state: str, now: float) -> bool:
+        current = self._orders.get(order_no)
+        if current is None or current.state != expect_state:
+            return False
+        self._hold(order_no)
+        return True
+
+    async def renew(self, now: float) -> None:
+        self._alive[self.holder] = now + self.lease
+
+    async def take_over(self, now: float, limit: int = 500) -> list[StoredOrder]:
+        taken = sorted(no for no, owner in self._owners.items()
+                       if owner not in ("", self.holder) and self._orders[no].state == QUEUED
+                       and self._alive.get(owner, 0.0) < now)[:limit]
+        for no in taken:
+            self._hold(no)
+        return [self._orders[no] for no in taken]
 
     def _emit(self, events: tuple[Event, ...]) -> None:
         if self.keep_history:
@@ -101,7 +138,8 @@ class MemoryStore:
         return self._by_external.get((source, external_id))
 
     async def active(self) -> list[StoredOrder]:
-        found = [o for o in self._orders.values() if o.state in ACTIVE_STATES]
+        found = [o for o in self._orders.values()
+                 if o.state in ACTIVE_STATES and (o.state != QUEUED or self._mine(o.order_no))]
         return sorted(found, key=lambda o: self._created_at[o.order_no])
 
     async def in_state(self, state: str, limit: int = 100, after: str = "") -> list[StoredOrder]:

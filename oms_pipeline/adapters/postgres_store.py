@@ -107,6 +107,10 @@ class PostgresStore:
         self._pending: list[_Request] = []
         self._kick_scheduled = False
         self._flushing: set[asyncio.Task] = set()
+        self.holder, self.lease = "", 30.0
+
+    def own(self, holder: str, lease: float) -> None:
+        self.holder, self.lease = holder, lease
 
     async def open(self) -> None:
         pool = await asyncpg.create_pool(self.url, min_size=1, max_size=self.pool_size,
@@ -136,15 +140,26 @@ class PostgresStore:
     async def create(self, orders: list[NewOrder]) -> list[tuple[str, bool]]:
         return await self._write("create", orders)
 
-    async def checkpoint(self, records: list[Checkpoint]) -> None:
-        await self._write("checkpoint", records)
+    async def checkpoint(self, records: list[Checkpoint]) -> set[str]:
+        return await self._write("checkpoint", records)
 
     async def next_block(self, name: str, size: int) -> int:
         return await self._write("next_block", (name, size))
 
     async def checkpoint_if(self, record: Checkpoint, expect_state: str) -> bool:
         # Rare (payments, timeouts, replays): its own small transaction, outside the group commit.
-        return await self._transaction(lambda conn: _checkpoint_if(conn, record, expect_state))
+        return await self._transaction(lambda conn: _checkpoint_if(conn, record, expect_state, self))
+
+    async def claim(self, order_no: str, expect_state: str, now: float) -> bool:
+        return await self._transaction(lambda conn: conn.fetchval(
+            Q["claim"], order_no, self.holder, expect_state)) is not None
+
+    async def renew(self, now: float) -> None:
+        await self._transaction(lambda conn: conn.execute(Q["renew"], self.holder, now + self.lease))
+
+    async def take_over(self, now: float, limit: int = 500) -> list[StoredOrder]:
+        rows = await self._transaction(lambda conn: conn.fetch(Q["take_over"], self.holder, now, limit))
+        return [StoredOrder(*r) for r in rows]
 
     async def outbox_claim(self, holder: str, limit: int, lease: float, now: float) -> list[OutboxRow]:
         rows = await self._transaction(lambda conn: conn.fetch(Q["outbox_claim"], holder, now, now - lease, limit))
@@ -187,7 +202,7 @@ class PostgresStore:
 
     async def _flush(self, batch: list[_Request]) -> None:
         try:
-            await self._transaction(lambda conn: _write_batch(conn, batch))
+            await self._transaction(lambda conn: _write_batch(conn, batch, self))
         except Exception as exc:  # noqa: BLE001 - handed to every waiting caller
             _settle(batch, exc)
             return
@@ -234,7 +249,7 @@ class PostgresStore:
         return rows[0]["order_no"] if rows else None
 
     async def active(self) -> list[StoredOrder]:
-        return [StoredOrder(*r) for r in await self._rows("active_orders")]
+        return [StoredOrder(*r) for r in await self._rows("active_orders", self.holder)]
 
     async def in_state(self, state: str, limit: int = 100, after: str = "") -> list[StoredOrder]:
         return [StoredOrder(*r) for r in await self._rows("orders_in_state", state, after, limit)]
@@ -295,15 +310,16 @@ def _cancel(requests: list[_Request]) -> None:
 class _Rows:
     """History and event rows gathered from a whole batch, inserted with one statement each."""
 
-    def __init__(self) -> None:
+    def __init__(self, holder: str = "") -> None:
+        self.holder = holder  # who writes: the owner of what it creates and checkpoints
         self.history: list[tuple[str, str, str, str, float]] = []
         self.events: list[Event] = []
         self.outbox: list[tuple[str, str, str, bytes, float]] = []
         self.reverse: list[ReverseRecord] = []
 
 
-async def _write_batch(conn: asyncpg.Connection, batch: list[_Request]) -> None:
-    rows = _Rows()
+async def _write_batch(conn: asyncpg.Connection, batch: list[_Request], store: "PostgresStore") -> None:
+    rows = _Rows(store.holder)
     await _create(conn, [r for r in batch if r.op == "create"], rows)
     await _checkpoint(conn, [r for r in batch if r.op == "checkpoint"], rows)
     await _insert(conn, "add_history", rows.history)
@@ -322,7 +338,7 @@ async def _create(conn: asyncpg.Connection, requests: list[_Request], rows: _Row
     for request in requests:
         for order in request.arg:
             firsts.setdefault((order.source, order.external_id), order)
-    inserted = await _insert_orders(conn, "create_orders", list(firsts.values()))
+    inserted = await _insert_orders(conn, "create_orders", list(firsts.values()), rows)
     numbers = {key: o.order_no for key, o in firsts.items() if o.order_no in inserted}
     numbers.update(await _existing(conn, [key for key in firsts if key not in numbers]))
     seen: set[tuple[str, str]] = set()
@@ -353,11 +369,17 @@ async def _checkpoint(conn: asyncpg.Connection, requests: list[_Request], rows: 
     records = [record for request in requests for record in request.arg]
     if not records:
         return
-    await _children(conn, records, rows)
     last = {r.order_no: r for r in records}  # an order checkpointed twice in a batch ends at its last record
     updates = [(r.order_no, r.state, r.stage, r.status, r.attempts, r.wake_at, r.doc, r.at)
                for _, r in sorted(last.items())]
-    await conn.execute(Q["checkpoint_orders"], *_columns(updates))
+    status = await conn.execute(Q["checkpoint_orders"], *_columns(updates), rows.holder)
+    rejected: set[str] = set()
+    if int(status.split()[-1]) < len(updates):  # rare: another instance took some over
+        rejected = {row[0] for row in await conn.fetch(Q["owned_elsewhere"], list(last), rows.holder)}
+        records = [r for r in records if r.order_no not in rejected]
+    for request in requests:
+        request.result = {r.order_no for r in request.arg} & rejected
+    await _children(conn, records, rows)
     rows.history.extend((r.order_no, r.from_stage, r.outcome, r.reason, r.at) for r in records)
     rows.events.extend(event for r in records for event in r.events)
     _gather_side_rows(records, rows)
@@ -385,18 +407,18 @@ async def _children(conn: asyncpg.Connection, records: list[Checkpoint], rows: _
         for child in record.children:
             parents.setdefault(child.order_no, record)
             children.append(child)
-    inserted = await _insert_orders(conn, "create_children", children)
+    inserted = await _insert_orders(conn, "create_children", children, rows)
     for child_no, parent in parents.items():
         if child_no in inserted:
             rows.history.append((child_no, parent.from_stage, "created", f"child of {parent.order_no}", parent.at))
 
 
-async def _insert_orders(conn: asyncpg.Connection, query: str, orders: list[NewOrder]) -> set[str]:
+async def _insert_orders(conn: asyncpg.Connection, query: str, orders: list[NewOrder], rows: _Rows) -> set[str]:
     if not orders:
         return set()
     values = [(o.order_no, o.source, o.external_id, o.kind, o.state, o.stage, o.status, o.parent_no,
                o.doc, o.at, o.member_id, o.wake_at) for o in orders]
-    return {row[0] for row in await conn.fetch(Q[query], *_columns(values))}
+    return {row[0] for row in await conn.fetch(Q[query], *_columns(values), rows.holder)}
 
 
 async def _insert(conn: asyncpg.Connection, query: str, values: list[tuple]) -> None:
@@ -404,9 +426,10 @@ async def _insert(conn: asyncpg.Connection, query: str, values: list[tuple]) -> 
         await conn.execute(Q[query], *_columns(values))
 
 
-async def _checkpoint_if(conn: asyncpg.Connection, r: Checkpoint, expect_state: str) -> bool:
+async def _checkpoint_if(conn: asyncpg.Connection, r: Checkpoint, expect_state: str,
+                         store: "PostgresStore") -> bool:
     updated = await conn.fetchval(Q["checkpoint_if"], r.order_no, r.state, r.stage, r.status, r.attempts,
-                                  r.wake_at, r.doc, r.at, expect_state)
+                                  r.wake_at, r.doc, r.at, expect_state, store.holder)
     if updated is None:
         return False
     await _insert(conn, "add_history", [(r.order_no, r.from_stage, r.outcome, r.reason, r.at)])

@@ -84,6 +84,10 @@ class SqliteStore:
         self._pending: list[_Request] = []
         self._flush_scheduled = False
         self.commits = 0  # transactions committed (group-commit efficiency = requests / commits)
+        self.holder, self.lease = "", 30.0
+
+    def own(self, holder: str, lease: float) -> None:
+        self.holder, self.lease = holder, lease
 
     async def open(self) -> None:
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -100,16 +104,25 @@ class SqliteStore:
     # -- writes: group commit -------------------------------------------------
 
     async def create(self, orders: list[NewOrder]) -> list[tuple[str, bool]]:
-        return await self._write(_create, orders)
+        return await self._write(_create, (orders, self.holder))
 
-    async def checkpoint(self, records: list[Checkpoint]) -> None:
-        await self._write(_checkpoint, records)
+    async def checkpoint(self, records: list[Checkpoint]) -> set[str]:
+        return await self._write(_checkpoint, (records, self.holder))
 
     async def next_block(self, name: str, size: int) -> int:
         return await self._write(_next_block, (name, size))
 
     async def checkpoint_if(self, record: Checkpoint, expect_state: str) -> bool:
-        return await self._write(_checkpoint_if, (record, expect_state))
+        return await self._write(_checkpoint_if, (record, expect_state, self.holder))
+
+    async def claim(self, order_no: str, expect_state: str, now: float) -> bool:
+        return await self._write(_claim_order, (self.holder, order_no, expect_state))
+
+    async def renew(self, now: float) -> None:
+        await self._write(_renew, (self.holder, now + self.lease))
+
+    async def take_over(self, now: float, limit: int = 500) -> list[StoredOrder]:
+        return [StoredOrder(*r) for r in await self._write(_take_over, (self.holder, now, limit))]
 
     async def outbox_claim(self, holder: str, limit: int, lease: float, now: float) -> list[OutboxRow]:
         rows = await self._write(_claim, (holder, now, now - lease, limit))
@@ -167,7 +180,7 @@ class SqliteStore:
         return rows[0][0] if rows else None
 
     async def active(self) -> list[StoredOrder]:
-        return [StoredOrder(*r) for r in await self._rows(Q["active_orders"])]
+        return [StoredOrder(*r) for r in await self._rows(Q["active_orders"], self.holder)]
 
     async def in_state(self, state: str, limit: int = 100, after: str = "") -> list[StoredOrder]:
         return [StoredOrder(*r) for r in await self._rows(Q["orders_in_state"], state, after, limit)]
@@ -216,18 +229,20 @@ def _settle(requests: list[_Request], error: BaseException | None) -> None:
             request.future.set_exception(error)
 
 
-def _insert_row(conn: sqlite3.Connection, o: NewOrder) -> bool:
+def _insert_row(conn: sqlite3.Connection, o: NewOrder, holder: str) -> bool:
     cur = conn.execute(Q["create_order"], (o.order_no, o.source, o.external_id, o.kind, o.state, o.stage,
-                                           o.status, o.wake_at, o.parent_no, o.doc, o.at, o.at, o.member_id))
+                                           o.status, o.wake_at, o.parent_no, o.doc, o.at, o.at, o.member_id,
+                                           holder))
     return cur.rowcount == 1
 
 
-def _create(conn: sqlite3.Connection, orders: list[NewOrder]) -> list[tuple[str, bool]]:
-    return [_create_one(conn, order) for order in orders]
+def _create(conn: sqlite3.Connection, arg: tuple[list[NewOrder], str]) -> list[tuple[str, bool]]:
+    orders, holder = arg
+    return [_create_one(conn, order, holder) for order in orders]
 
 
-def _create_one(conn: sqlite3.Connection, order: NewOrder) -> tuple[str, bool]:
-    if _insert_row(conn, order):
+def _create_one(conn: sqlite3.Connection, order: NewOrder, holder: str) -> tuple[str, bool]:
+    if _insert_row(conn, order, holder):
         conn.execute(Q["history"], (order.order_no, "intake", "created", "", order.at))
         conn.executemany(Q["add_event"], order.events)
         conn.executemany(Q["add_outbox"], outbox_entries(order.order_no, order.at, order.events))
@@ -235,22 +250,29 @@ def _create_one(conn: sqlite3.Connection, order: NewOrder) -> tuple[str, bool]:
     return conn.execute(Q["order_no_by_external"], (order.source, order.external_id)).fetchone()[0], False
 
 
-def _checkpoint(conn: sqlite3.Connection, records: list[Checkpoint]) -> None:
+def _checkpoint(conn: sqlite3.Connection, arg: tuple[list[Checkpoint], str]) -> set[str]:
+    records, holder = arg
+    rejected: set[str] = set()
+    if holder:
+        numbers = orjson.dumps([r.order_no for r in records]).decode()
+        rejected = {row[0] for row in conn.execute(Q["owned_elsewhere"], (numbers, holder))}
+        records = [r for r in records if r.order_no not in rejected]
     conn.executemany(Q["checkpoint"], [(r.state, r.stage, r.status, r.attempts, r.wake_at, r.doc,
-                                        r.at, r.order_no) for r in records])
+                                        r.at, holder, r.order_no) for r in records])
     conn.executemany(Q["history"], [(r.order_no, r.from_stage, r.outcome, r.reason, r.at) for r in records])
     conn.executemany(Q["add_event"], [event for r in records for event in r.events])
     _side_rows(conn, records)
     for r in records:
         for child in r.children:
-            if _insert_row(conn, child):
+            if _insert_row(conn, child, holder):
                 conn.execute(Q["history"], (child.order_no, r.from_stage, "created", f"child of {r.order_no}", r.at))
+    return rejected
 
 
-def _checkpoint_if(conn: sqlite3.Connection, arg: tuple[Checkpoint, str]) -> bool:
-    r, expect_state = arg
+def _checkpoint_if(conn: sqlite3.Connection, arg: tuple[Checkpoint, str, str]) -> bool:
+    r, expect_state, holder = arg
     cur = conn.execute(Q["checkpoint_if"], (r.state, r.stage, r.status, r.attempts, r.wake_at, r.doc, r.at,
-                                            r.order_no, expect_state))
+                                            holder, r.order_no, expect_state))
     if cur.rowcount != 1:
         return False
     conn.execute(Q["history"], (r.order_no, r.from_stage, r.outcome, r.reason, r.at))
@@ -264,6 +286,18 @@ def _side_rows(conn: sqlite3.Connection, records: list[Checkpoint]) -> None:
     conn.executemany(Q["add_outbox"], [row for r in records
                                        for row in outbox_entries(r.order_no, r.at, r.events, r.commands)])
     conn.executemany(Q["reverse_upsert"], [reverse for r in records for reverse in r.reverse])
+
+
+def _claim_order(conn: sqlite3.Connection, arg: tuple[str, str, str]) -> bool:
+    return conn.execute(Q["claim"], arg).rowcount == 1
+
+
+def _renew(conn: sqlite3.Connection, arg: tuple[str, float]) -> None:
+    conn.execute(Q["renew"], arg)
+
+
+def _take_over(conn: sqlite3.Connection, arg: tuple[str, float, int]) -> list[tuple]:
+    return conn.execute(Q["take_over"], arg).fetchall()
 
 
 def _claim(conn: sqlite3.Connection, arg: tuple[str, float, float, int]) -> list[tuple]:

@@ -194,14 +194,14 @@ class Harness:
                 "advised_slots": sum(proposal["pools"].values()), "best_slots": best_pool * len(io)}
 
     def _proposal(self, run: dict[str, Any], source: str) -> dict[str, Any]:
-        u = self.s.compare.advisor_utilisation
+        u, beta = self.s.compare.advisor_utilisation, self.s.compare.advisor_headroom
         service = {k: v / 1000 for k, v in run["service_ms"].items()}
         rate, why = self._design_rate(run, service)
-        pools = advisor.propose(run["system"]["stages"], service, rate, u)
-        text = advisor.snippet(pools, rate, u, f"run {source} of scenario {self.s.name}")
+        pools = advisor.propose(run["system"]["stages"], service, rate, u, beta)
+        text = advisor.snippet(pools, rate, u, f"run {source} of scenario {self.s.name}", beta)
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "advised_pools.toml").write_text(text)
-        return {"pools": pools, "rate": rate, "rate_from": why, "utilisation": u,
+        return {"pools": pools, "rate": rate, "rate_from": why, "utilisation": u, "headroom": beta,
                 "snippet_file": "advised_pools.toml", "snippet": text}
 
     def _design_rate(self, run: dict[str, Any], service: dict[str, float]) -> tuple[float, str]:

@@ -132,7 +132,7 @@ def _advisor(c: dict[str, Any], r: dict[str, Any]) -> list[str]:
     out = []
     if "ratio" in c:
         out += [f"- arrival rate the pools are sized for: {_num(c['rate'])} orders/s ({c['rate_from']}); "
-                f"target utilisation {c['utilisation']}",
+                f"target utilisation {c['utilisation']}, headroom {c['headroom']} x sqrt(busy slots)",
                 f"- advised pools: {_num(c['advised_throughput'])} orders/s with {c['advised_slots']} io slots; "
                 f"best hand-tuned (pool {c['best_hand_tuned_pool']} per io stage, {c['best_slots']} slots): "
                 f"{_num(c['best_hand_tuned_throughput'])} orders/s; advised / best = **{_num(c['ratio'], 3)}**", "",

@@ -77,6 +77,7 @@ class Compare(_Strict):
     advisor: bool = False
     advisor_grid: list[Positive] = msgspec.field(default_factory=lambda: [4, 8, 16, 32, 64])  # io pools tried
     advisor_utilisation: Fraction = 0.8  # the busy share each proposed pool is sized for
+    advisor_headroom: NonNegative = 2.0  # ... and at least this many sqrt(busy slots) more (small pools)
     peers: list[Literal["celery", "dramatiq"]] = []
     peer_orders: Positive = 1000
     peer_concurrency: Positive = 64  # threads per peer worker process

@@ -133,7 +133,19 @@ class HistoryEntry(NamedTuple):
 
 
 class Store(Protocol):
+    """Ownership (several daemon instances on one database, DESIGN R-1.6): with `holder` set
+    (`own()`), every order this store creates or checkpoints is owned by the holder, and the
+    holder proves it is alive with `renew()` (one row per instance, valid `lease` seconds).
+    `checkpoint()` writes nothing for an order another holder owns (it took the order over when
+    our liveness lapsed: we were presumed dead) and returns those orders; a compare-and-set
+    (`checkpoint_if`, `claim`) takes the order over. `take_over()` claims the queued orders of
+    holders no longer alive. With no holder (the default), nothing is fenced."""
+
     persistent: bool  # False: the runtime skips checkpoints (benchmark of the bare runtime)
+    holder: str
+    lease: float
+
+    def own(self, holder: str, lease: float) -> None: ...
 
     async def open(self) -> None: ...
 
@@ -143,8 +155,9 @@ class Store(Protocol):
         """Store new orders, all in one transaction. For each: (order number, True),
         or on a duplicate (source, external_id) the existing number and False."""
 
-    async def checkpoint(self, records: list[Checkpoint]) -> None:
-        """Durably record stage boundaries, all in one transaction with any child orders."""
+    async def checkpoint(self, records: list[Checkpoint]) -> set[str]:
+        """Durably record stage boundaries, all in one transaction with any child orders. Returns
+        the order numbers not written because another holder owns them (normally none)."""
 
     async def checkpoint_if(self, record: Checkpoint, expect_state: str) -> bool:
         """Record one stage boundary only if the order is still in `expect_state`
@@ -157,7 +170,17 @@ class Store(Protocol):
         """The number of the order taken in for (source, external_id), if any."""
 
     async def active(self) -> list[StoredOrder]:
-        """Every order in an active state (queued, parked, waiting for payment)."""
+        """Every order in an active state (queued, parked, waiting for payment); queued ones only
+        when this holder (or nobody) owns them: another instance's are its own business."""
+
+    async def claim(self, order_no: str, expect_state: str, now: float) -> bool:
+        """Take the order over if it is in `expect_state` (a parked order's timer fired here)."""
+
+    async def renew(self, now: float) -> None:
+        """This holder is alive until now + lease."""
+
+    async def take_over(self, now: float, limit: int = 500) -> list[StoredOrder]:
+        """Claim the queued orders of holders not alive at `now` (a dead instance's), by number."""
 
     async def in_state(self, state: str, limit: int = 100, after: str = "") -> list[StoredOrder]:
         """Orders in a runtime state, by order number, for paging."""

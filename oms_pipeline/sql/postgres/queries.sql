@@ -30,9 +30,9 @@ SELECT version FROM schema_migrations ORDER BY version;
 -- Intake is idempotent on (source, external_id): a known pair inserts nothing
 -- and is absent from RETURNING.
 INSERT INTO orders (order_no, source, external_id, kind, state, stage, status, attempts, wake_at,
-                    parent_no, doc, created_at, updated_at, member_id)
+                    parent_no, doc, created_at, updated_at, member_id, owner)
 SELECT n.order_no, n.source, n.external_id, n.kind, n.state, n.stage, n.status, 0, n.wake_at,
-       n.parent_no, n.doc, n.at, n.at, n.member_id
+       n.parent_no, n.doc, n.at, n.at, n.member_id, $13::text
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
             $8::text[], $9::bytea[], $10::float8[], $11::text[], $12::float8[])
      AS n(order_no, source, external_id, kind, state, stage, status, parent_no, doc, at, member_id, wake_at)
@@ -42,9 +42,9 @@ RETURNING order_no;
 -- name: create_children
 -- A replayed split stores no second set of children (either key may repeat).
 INSERT INTO orders (order_no, source, external_id, kind, state, stage, status, attempts, wake_at,
-                    parent_no, doc, created_at, updated_at, member_id)
+                    parent_no, doc, created_at, updated_at, member_id, owner)
 SELECT n.order_no, n.source, n.external_id, n.kind, n.state, n.stage, n.status, 0, n.wake_at,
-       n.parent_no, n.doc, n.at, n.at, n.member_id
+       n.parent_no, n.doc, n.at, n.at, n.member_id, $13::text
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
             $8::text[], $9::bytea[], $10::float8[], $11::text[], $12::float8[])
      AS n(order_no, source, external_id, kind, state, stage, status, parent_no, doc, at, member_id, wake_at)
@@ -59,16 +59,37 @@ JOIN orders o ON o.source = k.source AND o.external_id = k.external_id;
 -- name: checkpoint_orders
 -- One row per order (the caller keeps the last record of the batch), sorted
 -- by order number so concurrent writers lock rows in the same order.
+-- With a holder ($9), an order another holder owns is left alone (the caller finds which).
 UPDATE orders AS o
 SET state = c.state, stage = c.stage, status = c.status, attempts = c.attempts,
-    wake_at = c.wake_at, doc = c.doc, updated_at = c.at
+    wake_at = c.wake_at, doc = c.doc, updated_at = c.at, owner = $9::text
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::float8[],
             $7::bytea[], $8::float8[])
      AS c(order_no, state, stage, status, attempts, wake_at, doc, at)
-WHERE o.order_no = c.order_no;
+WHERE o.order_no = c.order_no AND ($9::text = '' OR o.owner IN ('', $9::text));
+
+-- name: owned_elsewhere
+SELECT order_no FROM orders WHERE order_no = ANY ($1::text[]) AND owner NOT IN ('', $2);
+
+-- name: claim
+UPDATE orders SET owner = $2 WHERE order_no = $1 AND state = $3 RETURNING order_no;
+
+-- name: renew
+INSERT INTO instances (holder, alive_until) VALUES ($1, $2)
+ON CONFLICT (holder) DO UPDATE SET alive_until = excluded.alive_until;
+
+-- name: take_over
+-- Queued orders of owners whose liveness has lapsed (or who never had any).
+UPDATE orders SET owner = $1
+WHERE order_no IN (SELECT o.order_no FROM orders o LEFT JOIN instances i ON i.holder = o.owner
+                   WHERE o.state = 'queued' AND o.owner NOT IN ('', $1)
+                     AND (i.alive_until IS NULL OR i.alive_until < $2)
+                   ORDER BY o.order_no LIMIT $3 FOR UPDATE OF o SKIP LOCKED)
+RETURNING order_no, kind, state, stage, status, attempts, wake_at, doc, parent_no, updated_at;
 
 -- name: checkpoint_if
-UPDATE orders SET state = $2, stage = $3, status = $4, attempts = $5, wake_at = $6, doc = $7, updated_at = $8
+UPDATE orders SET state = $2, stage = $3, status = $4, attempts = $5, wake_at = $6, doc = $7, updated_at = $8,
+                  owner = $10
 WHERE order_no = $1 AND state = $9
 RETURNING order_no;
 
@@ -100,7 +121,8 @@ FROM orders WHERE order_no = $1;
 
 -- name: active_orders
 SELECT order_no, kind, state, stage, status, attempts, wake_at, doc, parent_no, updated_at
-FROM orders WHERE state IN ('queued', 'parked', 'wait_pay') ORDER BY created_at, order_no;
+FROM orders WHERE state IN ('queued', 'parked', 'wait_pay') AND (state <> 'queued' OR owner IN ('', $1))
+ORDER BY created_at, order_no;
 
 -- name: orders_in_state
 SELECT order_no, kind, state, stage, status, attempts, wake_at, doc, parent_no, updated_at

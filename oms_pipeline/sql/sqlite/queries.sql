@@ -1,19 +1,41 @@
 -- name: create_order
 INSERT INTO orders (order_no, source, external_id, kind, state, stage, status, attempts, wake_at,
-                    parent_no, doc, created_at, updated_at, member_id)
-VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?)
+                    parent_no, doc, created_at, updated_at, member_id, owner)
+VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (source, external_id) DO NOTHING;
 
 -- name: order_no_by_external
 SELECT order_no FROM orders WHERE source = ? AND external_id = ?;
 
 -- name: checkpoint
-UPDATE orders SET state = ?, stage = ?, status = ?, attempts = ?, wake_at = ?, doc = ?, updated_at = ?
+UPDATE orders SET state = ?, stage = ?, status = ?, attempts = ?, wake_at = ?, doc = ?, updated_at = ?,
+                  owner = ?
 WHERE order_no = ?;
 
 -- name: checkpoint_if
-UPDATE orders SET state = ?, stage = ?, status = ?, attempts = ?, wake_at = ?, doc = ?, updated_at = ?
+UPDATE orders SET state = ?, stage = ?, status = ?, attempts = ?, wake_at = ?, doc = ?, updated_at = ?,
+                  owner = ?
 WHERE order_no = ? AND state = ?;
+
+-- name: owned_elsewhere
+-- Of the given orders (a JSON array), those another holder owns.
+SELECT order_no FROM orders WHERE order_no IN (SELECT value FROM json_each(?1)) AND owner NOT IN ('', ?2);
+
+-- name: claim
+UPDATE orders SET owner = ? WHERE order_no = ? AND state = ?;
+
+-- name: renew
+INSERT INTO instances (holder, alive_until) VALUES (?, ?)
+ON CONFLICT (holder) DO UPDATE SET alive_until = excluded.alive_until;
+
+-- name: take_over
+-- Queued orders of owners whose liveness has lapsed (or who never had any).
+UPDATE orders SET owner = ?1
+WHERE order_no IN (SELECT o.order_no FROM orders o LEFT JOIN instances i ON i.holder = o.owner
+                   WHERE o.state = 'queued' AND o.owner NOT IN ('', ?1)
+                     AND (i.alive_until IS NULL OR i.alive_until < ?2)
+                   ORDER BY o.order_no LIMIT ?3)
+RETURNING order_no, kind, state, stage, status, attempts, wake_at, doc, parent_no, updated_at;
 
 -- name: history
 INSERT INTO stage_history (order_no, stage, outcome, reason, at) VALUES (?, ?, ?, ?, ?);
@@ -32,7 +54,8 @@ FROM orders WHERE order_no = ?;
 
 -- name: active_orders
 SELECT order_no, kind, state, stage, status, attempts, wake_at, doc, parent_no, updated_at
-FROM orders WHERE state IN ('queued', 'parked', 'wait_pay') ORDER BY created_at;
+FROM orders WHERE state IN ('queued', 'parked', 'wait_pay') AND (state <> 'queued' OR owner IN ('', ?))
+ORDER BY created_at;
 
 -- name: orders_in_state
 SELECT order_no, kind, state, stage, status, attempts, wake_at, doc, parent_no, updated_at
