@@ -30,6 +30,10 @@ async def _refund(ports: Ports, key: str, p: dict[str, Any]) -> None:
     await ports.finance.refund(key, p["order_no"], p["amount"], f"{p['reason']} ({p['method']})")
 
 
+async def _credit_note(ports: Ports, key: str, p: dict[str, Any]) -> None:
+    await ports.finance.credit_note(key, p["order_no"], p["amount"], p["reason"])
+
+
 async def _credit(ports: Ports, key: str, p: dict[str, Any]) -> None:
     await ports.accounts.credit(key, p["member_id"], p["account"], p["amount"], p["order_no"])
 
@@ -66,6 +70,7 @@ async def _answer(ports: Ports, key: str, p: dict[str, Any]) -> None:
 
 HANDLERS: dict[str, Handler] = {
     "fms.refund": _refund,             # money back through the payment channel (cash or stored value)
+    "fms.credit_note": _credit_note,   # an order settled on account: credited in the next settlement
     "account.credit": _credit,         # points and balance back to the member's account
     "promo.unbind": _credit,           # a coupon back to the member (account "coupon")
     "inventory.release": _release,

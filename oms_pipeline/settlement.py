@@ -8,7 +8,9 @@ cumulatively (`share`): reversing u of q units gives back
 floor(total * reversed_after / q) - floor(total * reversed_before / q), so one
 line reversed in any number of steps gives back exactly its total. Freight
 comes back with a cancel (nothing was shipped); a return or a rejection keeps
-it unless `reverse.refund_freight_on_return`. Refunds never exceed what was
+it unless `reverse.refund_freight_on_return`. ToB and third-party orders are
+settled on account later: their reversed amounts are credited in that
+settlement (`fms.credit_note`), never refunded. Refunds never exceed what was
 paid: each is capped by what is left, cash first, then the stored-value part
 (non_cash); points go back to the points account line by line; the coupon goes
 back to the member once every line is reversed (it was spent on the order).
@@ -35,6 +37,7 @@ from .ports.store import Command
 from .stock import holds_stock, reservation_key
 
 ACCOUNTS = ("cash", "non_cash", "points", "coupon")
+ON_ACCOUNT = ("tob", "third_party")  # settled later, on account: credited, never refunded
 
 
 def share(total: int, qty: int, before: int, units: int) -> int:
@@ -110,13 +113,17 @@ class Reversal:
 
     def rest(self) -> "Reversal":
         """Every unit not reversed yet (a whole cancel): and with the last of them, whatever
-        was paid and not yet given back (freight, rounding, an unallocated order)."""
+        was paid (or is owed on account) and not yet given back (freight, rounding, an
+        unallocated order)."""
         self.lines(open_units(self.order))
         book = ledger(self.order)
-        self._money(self.order.amounts.paid - book["given"]["cash"] - book["given"]["non_cash"])
+        owed = self.order.amounts.payable if self.order.kind in ON_ACCOUNT else self.order.amounts.paid
+        self._money(owed - book["given"]["cash"] - book["given"]["non_cash"] - book.get("credited", 0))
         return self
 
     def _money(self, cents: int) -> None:
+        if self.order.kind in ON_ACCOUNT:
+            return self._credit_note(cents)
         a, given = self.order.amounts, ledger(self.order)["given"]
         cash = min(cents, a.cash - given["cash"]) if a.cash or a.non_cash else min(cents, a.paid - given["cash"])
         non_cash = min(cents - max(cash, 0), a.non_cash - given["non_cash"])
@@ -127,6 +134,17 @@ class Reversal:
                 self.commands.append(command("fms.refund", f"{self.order.order_no}:{self.tag}:refund:{method}",
                                              order_no=self.order.order_no, amount=amount, method=method,
                                              reason=self.reason))
+
+    def _credit_note(self, cents: int) -> None:
+        """ToB and third-party orders are settled on account later (seed 001): what their reversed
+        units carried is credited in that settlement, not refunded."""
+        book = ledger(self.order)
+        cents = min(cents, self.order.amounts.payable - book.get("credited", 0))
+        if cents <= 0:
+            return
+        book["credited"] = book.get("credited", 0) + cents
+        self.commands.append(command("fms.credit_note", f"{self.order.order_no}:{self.tag}:credit_note",
+                                     order_no=self.order.order_no, amount=cents, reason=self.reason))
 
     def _credit(self, account: str, topic: str, cents: int) -> None:
         if cents <= 0:

@@ -345,3 +345,16 @@ async def test_a_cancel_racing_the_warehouse_shipping_becomes_a_return(tmp_path)
         assert (await env.report(no, "return_received")).body["state"] == "done"
         await env.settled()
         assert env.refunded(no) == 2 * 1990 and env.stock() == (STOCK, 0, 0)
+
+
+async def test_a_tob_order_settled_on_account_is_credited_not_refunded(tmp_path):
+    async with running(tmp_path) as env:
+        no = await env.create("B1", kind="tob", lines=((1, "A", 2, 1000), (2, "B", 1, 500)))
+        await env.until(no, st.DONE)
+        await env.report(no, "outbound")
+        answer = await env.reverse(no, "r1", kind="return", lines=[ReverseLineIn(line_no=1, qty=1)])
+        assert answer.body["state"] == "waiting_goods"
+        await env.report(no, "return_received")
+        await env.settled()
+        assert env.refunded(no) == 0 and env.ports.finance.credited[no] == 1000
+        assert env.stock() == (STOCK - 1, 0, 1)

@@ -57,6 +57,10 @@ class Finance(Protocol):
     async def refund(self, key: str, order_no: str, amount_cents: int, reason: str) -> str:
         """Book a refund; returns the refund id."""
 
+    async def credit_note(self, key: str, order_no: str, amount_cents: int, reason: str) -> str:
+        """Credit an order settled on account (ToB, third-party platform) in the next settlement;
+        returns the credit note id."""
+
 
 class Product(Protocol):
     async def tax_rate_bp(self, sku: str) -> int:

@@ -137,9 +137,10 @@ class SimNotification:
 class SimFinance:
     def __init__(self, channel: _Channel, settings: SimSettings) -> None:
         self._ch = channel
-        self._vouchers, self._refunds = _Ids("FV"), _Ids("RF")
+        self._vouchers, self._refunds, self._credits = _Ids("FV"), _Ids("RF"), _Ids("CN")
         self.vouchered: Counter[str] = Counter()  # order -> cents
         self.refunded: Counter[str] = Counter()
+        self.credited: Counter[str] = Counter()  # settled on account: credit notes
 
     async def push_voucher(self, key: str, order_no: str, amount_cents: int, method: str) -> str:
         payload = {"order_no": order_no, "amount": amount_cents, "method": method}
@@ -149,6 +150,15 @@ class SimFinance:
     async def refund(self, key: str, order_no: str, amount_cents: int, reason: str) -> str:
         payload = {"order_no": order_no, "amount": amount_cents, "reason": reason}
         return await self._ch.effect("refund", key, payload, lambda: self._refund(order_no, amount_cents))
+
+    async def credit_note(self, key: str, order_no: str, amount_cents: int, reason: str) -> str:
+        payload = {"order_no": order_no, "amount": amount_cents, "reason": reason}
+        return await self._ch.effect("credit_note", key, payload, lambda: self._credit(order_no, amount_cents))
+
+    def _credit(self, order_no: str, amount: int) -> str:
+        _require(amount > 0, f"finance: credit amount must be positive, got {amount}")
+        self.credited[order_no] += amount
+        return self._credits.next()
 
     def _voucher(self, order_no: str, amount: int) -> str:
         _require(amount >= 0, f"finance: voucher amount must not be negative, got {amount}")
@@ -164,6 +174,9 @@ class SimFinance:
         if effect.op == "push_voucher":
             self.vouchered[effect.payload["order_no"]] += effect.payload["amount"]
             self._vouchers.restore(effect.result)
+        elif effect.op == "credit_note":
+            self.credited[effect.payload["order_no"]] += effect.payload["amount"]
+            self._credits.restore(effect.result)
         else:
             self.refunded[effect.payload["order_no"]] += effect.payload["amount"]
             self._refunds.restore(effect.result)
