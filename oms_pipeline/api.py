@@ -6,13 +6,11 @@ never changes an order and never takes the daemon down.
 """
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import ipaddress
 import logging
 import secrets
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 import orjson
 from aiohttp import web
@@ -20,6 +18,7 @@ from aiohttp import web
 from . import logs, reverse, schemas, states
 from .order import KINDS, Order, decode
 from .outcome import TransientError
+from .keyed_lock import KeyedLock
 from .pipeline import ShuttingDown
 from .ports import store as st
 from .stock import StockUnavailable
@@ -127,7 +126,11 @@ class Api:
         self.app = app
         self.pipeline = app.pipeline
         self.ready = False
-        self._busy: dict[str, list] = {}  # order number -> [lock, waiting requests] (_one_at_a_time)
+        # Requests that release an order (payment, replay) run one after another per order. The
+        # store's compare-and-set already stops a second release; this makes the second copy of a
+        # payment find the first booked and answer "duplicate" rather than "conflict".
+        self.busy = KeyedLock()
+        self._one_at_a_time = self.busy.hold
         self._openapi: bytes | None = None
 
     def routes(self) -> list[web.RouteDef]:
@@ -238,22 +241,6 @@ class Api:
         async with self._one_at_a_time(pay.order_no):
             return await self._pay(pay)
 
-    @contextlib.asynccontextmanager
-    async def _one_at_a_time(self, order_no: str) -> AsyncIterator[None]:
-        """Requests that release an order (payment, replay) run one after another per order.
-        The store's compare-and-set already stops a second release; this makes the second copy
-        of a payment find the first booked and answer "duplicate" rather than "conflict"."""
-        entry = self._busy.get(order_no)
-        if entry is None:
-            entry = self._busy[order_no] = [asyncio.Lock(), 0]
-        entry[1] += 1
-        try:
-            async with entry[0]:
-                yield
-        finally:
-            entry[1] -= 1
-            if entry[1] == 0:
-                del self._busy[order_no]
 
     async def _pay(self, pay: schemas.PaymentIn) -> web.Response:
         """Seed 001's payment boundaries. The booked payment again: a no-op. A payment the order

@@ -26,3 +26,7 @@ class KeyedLock:
 
     def __contains__(self, key: str) -> bool:
         return key in self._locks
+
+    def __len__(self) -> int:
+        """Keys held or waited for now."""
+        return len(self._locks)

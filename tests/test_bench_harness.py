@@ -31,6 +31,7 @@ def test_smoke_writes_json_markdown_plots_and_an_advised_config(tmp_path):
     done = bench("smoke", "--out", str(tmp_path))
     assert done.returncode == 0, done.stderr
     results = json.loads((tmp_path / "results.json").read_text())
+    assert results["incomplete"] == [] and results["machine"]["cores"] >= 1
     runs = results["runs"]
     assert {"per_stage", "shared_pool", "per_order", "noop_pipeline", "advised"} <= set(runs)
     for name in ("per_stage", "shared_pool", "per_order"):
@@ -109,7 +110,9 @@ def test_the_advisor_sizes_pools_by_littles_law():
     stages = {"a": {"kind": "io", "mode": "async", "slots": 4}, "b": {"kind": "cpu", "mode": "inline", "slots": 1},
               "c": {"kind": "io", "mode": "async", "slots": 32}}
     service = {"a": 0.020, "b": 0.0005, "c": 0.080}
-    assert advisor.propose(stages, service, rate=200, utilisation=0.8) == {"a": 5, "c": 20}
+    # a = 200 x 0.020 = 4 busy: max(4 / 0.8, 4 + 2 x 2) = 8; a = 16: max(20, 16 + 2 x 4) = 24
+    assert advisor.propose(stages, service, rate=200, utilisation=0.8) == {"a": 8, "c": 24}
+    assert advisor.propose(stages, service, rate=200, utilisation=0.8, headroom=0) == {"a": 5, "c": 20}
     cap = advisor.capacity(stages, service)
     assert cap["tightest"] == "stage a" and cap["orders_per_s"] == 200.0
     assert cap["bounds"]["event loop (inline cpu stages)"] == 2000.0

@@ -20,7 +20,7 @@ from oms_pipeline.adapters.simulated import read_duplicates, read_effects
 from oms_pipeline.generator import generate
 from oms_pipeline.adapters import postgres_store
 from tests.conftest import require_service
-from tests.support.daemon import Daemon, write_config
+from tests.support.daemon import Daemon, production_backends, write_config
 from tests.support.postgres import fresh_postgres_database
 from tests.support.rabbitmq import delete_topology
 
@@ -110,14 +110,7 @@ async def test_three_sigkills_on_the_production_backends_lose_nothing_and_apply_
     async with fresh_postgres_database() as url:
         await postgres_store.migrate(url)
         config, port = write_config(tmp_path, f"""
-[broker]
-url = "amqp://guest:guest@127.0.0.1:5672/"
-prefix = "{prefix}"
-delay_tiers = [0.5, 1.0]
-[coordination]
-url = "redis://127.0.0.1:6379/0"
-prefix = "{prefix}:"
-[downstream]
+{production_backends(prefix)}[downstream]
 seed = 11
 effect_log = "{effects_path}"
 [downstream.latency.default]

@@ -24,7 +24,7 @@ from oms_pipeline.adapters import postgres_store
 from oms_pipeline.adapters.simulated.effects import read_effects
 from oms_pipeline.generator import generate
 from tests.conftest import require_service
-from tests.support.daemon import Daemon, write_config
+from tests.support.daemon import Daemon, production_backends, write_config
 from tests.support.postgres import fresh_postgres_database
 from tests.support.rabbitmq import delete_topology
 
@@ -130,14 +130,7 @@ async def test_postgresql_then_redis_restart_under_load_loses_and_duplicates_not
     async with fresh_postgres_database() as url:
         await postgres_store.migrate(url)
         extra = f"""
-[broker]
-url = "amqp://guest:guest@127.0.0.1:5672/"
-prefix = "{prefix}"
-delay_tiers = [0.5, 1.0]
-[coordination]
-url = "redis://127.0.0.1:6379/0"
-prefix = "{prefix}:"
-[downstream]
+{production_backends(prefix)}[downstream]
 effect_log = "{tmp_path / 'effects.sqlite3'}"
 """
         config, port = write_config(tmp_path, extra, store_url=url)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import shutil
 import signal
 import subprocess
-import threading
 import time
 import uuid
 from contextlib import asynccontextmanager

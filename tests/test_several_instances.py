@@ -23,7 +23,7 @@ from oms_pipeline.adapters import postgres_store
 from oms_pipeline.adapters.simulated.effects import read_effects
 from oms_pipeline.generator import generate
 from tests.conftest import require_service
-from tests.support.daemon import Daemon, write_config
+from tests.support.daemon import Daemon, production_backends, write_config
 from tests.support.postgres import fresh_postgres_database
 from tests.support.rabbitmq import Publisher, delete_topology
 
@@ -38,14 +38,7 @@ def instance(tmp: Path, i: int, url: str, prefix: str) -> Daemon:
     folder = tmp / f"instance-{i}"
     folder.mkdir()
     extra = f"""
-[broker]
-url = "amqp://guest:guest@127.0.0.1:5672/"
-prefix = "{prefix}"
-delay_tiers = [0.5, 1.0]
-[coordination]
-url = "redis://127.0.0.1:6379/0"
-prefix = "{prefix}:"
-[downstream]
+{production_backends(prefix)}[downstream]
 effect_log = "{folder / 'effects.sqlite3'}"
 [stages.flow_limit.settings]
 default_capacity = {CAPACITY}

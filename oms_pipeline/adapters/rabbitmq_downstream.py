@@ -42,10 +42,12 @@ from typing import Any
 import aio_pika
 import anyio
 from aio_pika.abc import AbstractIncomingMessage
-from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, ChannelPreconditionFailed
+from aio_pika.exceptions import ChannelPreconditionFailed
 
 from ..relay import CommandRefused, execute
 from .rabbitmq_publisher import declare_events_exchange, events_exchange
+
+from .rabbitmq_common import DEAD_CHANNEL, Connected, quietly
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +55,13 @@ BINDINGS = ("fms.#", "inventory.#", "wms.#", "tms.#", "promo.#", "account.#", "n
 RETRY_HEADER = "x-retry-count"
 REASON_HEADER = "x-dead-reason"
 MAX_RETRY_DELAY = 30.0
-_DEAD_CHANNEL = (AMQPError, ChannelInvalidStateError, ConnectionError, TimeoutError)
 
 
 class DownstreamConfigError(RuntimeError):
     """The broker already holds the downstream queues with other arguments."""
 
 
-class RabbitDownstream:
+class RabbitDownstream(Connected):
     def __init__(self, url: str, ports: Any, *, prefix: str = "oms", prefetch: int = 200,
                  max_retries: int = 5, retry_delay: float = 0.5) -> None:
         self.exchange_name = events_exchange(prefix)
@@ -88,15 +89,7 @@ class RabbitDownstream:
             await self.close()
             raise
 
-    async def close(self) -> None:
-        if self._connection is not None:
-            connection, self._connection = self._connection, None
-            await connection.close()
 
-    async def ping(self) -> bool:
-        """Readiness probe, without I/O: connected now (connect_robust clears this while it reconnects)."""
-        connection = self._connection
-        return connection is not None and not connection.is_closed and connection.connected.is_set()
 
     async def _declare(self) -> None:
         """Once, on a throw-away channel (PITFALL 12): a mismatch stops startup."""
@@ -111,7 +104,7 @@ class RabbitDownstream:
                 f"RabbitMQ queue {self.queue_name!r} or {self.dead_queue_name!r} exists with other "
                 f"arguments ({exc}). Refusing to start: delete it or use another broker.prefix.") from exc
         finally:
-            await _quietly(channel.close())
+            await quietly(channel.close(), "downstream")
 
     # -- consuming ------------------------------------------------------------
 
@@ -130,10 +123,10 @@ class RabbitDownstream:
                             tg.start_soon(self._work, receive)
             finally:
                 with anyio.move_on_after(5, shield=True):  # stop deliveries first (PITFALL 15)
-                    await _quietly(queue.cancel(tag))
+                    await quietly(queue.cancel(tag), "downstream")
         finally:
             with anyio.move_on_after(5, shield=True):
-                await _quietly(channel.close())
+                await quietly(channel.close(), "downstream")
 
     async def _work(self, receive) -> None:
         async for message in receive:
@@ -149,7 +142,7 @@ class RabbitDownstream:
             await self._retry(message, exc)
         else:
             self.applied += 1
-            await _quietly(message.ack())
+            await quietly(message.ack(), "downstream")
 
     async def _retry(self, message: AbstractIncomingMessage, error: Exception) -> None:
         count = retry_count(message)
@@ -180,11 +173,11 @@ class RabbitDownstream:
                                 timestamp=message.timestamp)
         try:
             await self._publisher.default_exchange.publish(copy, queue, mandatory=True, timeout=10)
-        except _DEAD_CHANNEL as exc:
+        except DEAD_CHANNEL as exc:
             log.warning("downstream: could not republish to %s, requeued: %r", queue, exc)
-            await _quietly(message.nack(requeue=True))
+            await quietly(message.nack(requeue=True), "downstream")
             return False
-        await _quietly(message.ack())
+        await quietly(message.ack(), "downstream")
         return True
 
 
@@ -201,12 +194,3 @@ async def _hand_over(send, message: AbstractIncomingMessage) -> None:
     except (anyio.ClosedResourceError, anyio.BrokenResourceError):
         pass  # run() has ended: the channel closes and the broker requeues the message
 
-
-async def _quietly(awaitable) -> None:
-    """Acks, cancels and closes on a channel that may have died meanwhile: nothing to do then."""
-    try:
-        await awaitable
-    except ChannelInvalidStateError:
-        pass  # after a reconnect: the broker has requeued the delivery already (PITFALL 14)
-    except _DEAD_CHANNEL as exc:
-        log.warning("downstream: ignored a failed ack/cancel/close: %r", exc)

@@ -51,18 +51,19 @@ from typing import Any
 import aio_pika
 import anyio
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
-from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, ChannelPreconditionFailed, PublishError
+from aio_pika.exceptions import ChannelPreconditionFailed, PublishError
 
 from ..config import IntakeSettings
 from ..metrics import IntakeCounts
 from ..ports.intake import ACCEPTED, DUPLICATE, INVALID, QUEUES, RETRY, Handler, NotNow, Verdict
+
+from .rabbitmq_common import DEAD_CHANNEL, Connected, ack_below, describe, live_channel, quietly
 
 log = logging.getLogger("oms.intake")
 
 REASON, ORIGIN, RETRIES = "x-oms-reason", "x-oms-queue", "x-retry-count"
 # What the broker adds when it dead-letters (the retry hop): never republished (PITFALL 18).
 _BROKER_HEADERS = ("x-death", "x-first-death-", "x-last-death-")
-_DEAD_CHANNEL = (AMQPError, ChannelInvalidStateError, ConnectionError)
 
 
 class IntakeConfigError(RuntimeError):
@@ -115,7 +116,7 @@ class _Consumed:
     settling: anyio.Lock = field(default_factory=anyio.Lock)
 
 
-class RabbitIntake:
+class RabbitIntake(Connected):
     def __init__(self, url: str, *, prefix: str = "oms", settings: IntakeSettings = IntakeSettings(),
                  counts: IntakeCounts | None = None, publish_retry_for: float = 10.0) -> None:
         self.topology = Topology(prefix, tuple(settings.retry_delays))
@@ -157,15 +158,7 @@ class RabbitIntake:
             await self.close()
             raise
 
-    async def close(self) -> None:
-        if self._connection is not None:
-            connection, self._connection = self._connection, None
-            await connection.close()
 
-    async def ping(self) -> bool:
-        """Readiness probe, without I/O: connected now (connect_robust clears this while it reconnects)."""
-        c = self._connection
-        return c is not None and not c.is_closed and c.connected.is_set()
 
     async def _declare(self) -> None:
         """On a throw-away channel: a robust channel would replay these on every reconnect (PITFALL 12)."""
@@ -188,7 +181,7 @@ class RabbitIntake:
                 f"RabbitMQ intake queues {topo.prefix!r}.intake.* conflict with queues/exchanges already on the "
                 f"broker ({exc}). Refusing to start: delete them or use another broker.prefix.") from exc
         finally:
-            await _quietly(channel.close())
+            await quietly(channel.close(), "intake")
 
     async def run(self, *, task_status: anyio.abc.TaskStatus = anyio.TASK_STATUS_IGNORED) -> None:
         """Consume every queue that has a handler until `stop()` (or cancellation)."""
@@ -203,13 +196,13 @@ class RabbitIntake:
             self._done.set()
             with anyio.move_on_after(5, shield=True):
                 for consumed in self._consumed:
-                    await _quietly(consumed.channel.close())  # what is still unacked goes back to its queue
+                    await quietly(consumed.channel.close(), "intake")  # what is still unacked goes back to its queue
 
     async def stop(self, grace: float) -> None:
         """Cancel the consumers, let the workers finish what was delivered (up to `grace` seconds)."""
         for consumed in self._consumed:
             with anyio.move_on_after(5, shield=True):
-                await _quietly(consumed.queue.cancel(consumed.tag))  # deliveries end with Cancel-Ok
+                await quietly(consumed.queue.cancel(consumed.tag), "intake")  # deliveries end with Cancel-Ok
             consumed.send.close()  # the workers take what is buffered, then end
         if self._tg is None:
             return
@@ -263,8 +256,8 @@ class RabbitIntake:
                     await self._handle(consumed, [message])
                 return
             log.warning("intake handler failed", extra={"event": "intake_failed", "queue": consumed.name,
-                                                        "reason": _describe(exc)})
-            verdicts = [Verdict(RETRY, _describe(exc))]
+                                                        "reason": describe(exc)})
+            verdicts = [Verdict(RETRY, describe(exc))]
         if len(verdicts) != len(batch):
             raise RuntimeError(f"intake handler of {consumed.name} answered {len(verdicts)} verdicts "
                                f"for {len(batch)} messages")
@@ -284,7 +277,7 @@ class RabbitIntake:
         async with consumed.settling:
             for message in back:
                 if consumed.in_hand.pop(message) is not None:
-                    await _quietly(message.nack(requeue=True))
+                    await quietly(message.nack(requeue=True), "intake")
             await self._ack(consumed, done)
 
     async def _divert(self, consumed: _Consumed, message: AbstractIncomingMessage, verdict: Verdict,
@@ -319,13 +312,13 @@ class RabbitIntake:
                                 app_id=message.app_id, type=message.type,
                                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
         give_up = time.monotonic() + self._publish_retry_for
-        while _live_channel(message) is not None:
+        while live_channel(message) is not None:
             try:
                 await exchange.publish(copy, key, mandatory=True)
                 return True
             except PublishError:
                 raise
-            except _DEAD_CHANNEL as exc:
+            except DEAD_CHANNEL as exc:
                 if time.monotonic() >= give_up:
                     log.warning("intake: could not publish a copy, requeued: %r", exc)
                     return False
@@ -339,16 +332,10 @@ class RabbitIntake:
         live: dict[int, list[AbstractIncomingMessage]] = {}
         for message in messages:
             key = in_hand.pop(message)
-            if key is not None and _live_channel(message) is not None:
+            if key is not None and live_channel(message) is not None:
                 live.setdefault(key, []).append(message)
         for key, group in live.items():
-            floor = in_hand.floor(key)
-            below = [m for m in group if m.delivery_tag < floor]
-            if below:
-                await _quietly(max(below, key=lambda m: m.delivery_tag).ack(multiple=True))
-            for message in group:
-                if message.delivery_tag > floor:
-                    await _quietly(message.ack())
+            await ack_below(group, in_hand.floor(key), "intake")
 
 
 class _InHand:
@@ -361,7 +348,7 @@ class _InHand:
         return len(self._keys)
 
     def add(self, message: AbstractIncomingMessage) -> None:
-        channel = _live_channel(message)
+        channel = live_channel(message)
         if channel is not None:
             self._keys[id(message)] = (id(channel), message.delivery_tag)
 
@@ -397,22 +384,4 @@ def _headers(message: AbstractIncomingMessage, reason: str, origin: str, failure
     return headers
 
 
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"[:500]
 
-
-def _live_channel(message: AbstractIncomingMessage):
-    try:
-        return message.channel
-    except ChannelInvalidStateError:
-        return None
-
-
-async def _quietly(awaitable) -> None:
-    """Acks, cancels and closes on a channel that may have died meanwhile: nothing to do then."""
-    try:
-        await awaitable
-    except ChannelInvalidStateError:
-        pass  # the expected case after a reconnect: the broker has requeued the delivery
-    except _DEAD_CHANNEL as exc:
-        log.warning("intake: ignored a failed ack/cancel/close: %r", exc)

@@ -37,6 +37,7 @@ from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, ChannelPrec
 
 from ..ports.store import OutboxRow
 from ..relay import Failed, PublisherUnavailable, is_event, message_id
+from .rabbitmq_common import Connected
 
 _TRANSPORT = (AMQPError, ChannelInvalidStateError, ConnectionError, asyncio.TimeoutError)
 
@@ -67,7 +68,7 @@ async def declare_events_exchange(connection: aio_pika.abc.AbstractConnection, p
             pass
 
 
-class RabbitPublisher:
+class RabbitPublisher(Connected):
     def __init__(self, url: str, *, prefix: str = "oms", mandatory_events: bool = False,
                  confirm_timeout: float = 10.0) -> None:
         self.exchange_name = events_exchange(prefix)
@@ -88,15 +89,7 @@ class RabbitPublisher:
             await self.close()
             raise
 
-    async def close(self) -> None:
-        if self._connection is not None:
-            connection, self._connection = self._connection, None
-            await connection.close()
 
-    async def ping(self) -> bool:
-        """Readiness probe, without I/O: connected now (connect_robust clears this while it reconnects)."""
-        connection = self._connection
-        return connection is not None and not connection.is_closed and connection.connected.is_set()
 
     async def publish(self, rows: list[OutboxRow]) -> list[Failed]:
         groups: dict[str, list[OutboxRow]] = {}

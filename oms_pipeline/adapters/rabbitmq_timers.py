@@ -47,16 +47,17 @@ import aio_pika
 import anyio
 import orjson
 from aio_pika.abc import AbstractIncomingMessage
-from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, ChannelPreconditionFailed, PublishError
+from aio_pika.exceptions import ChannelPreconditionFailed, PublishError
 
 from ..clock import Clock
 from ..ports.timers import Due
+
+from .rabbitmq_common import DEAD_CHANNEL, Connected, ack_below, live_channel, quietly
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TIERS = (1, 5, 30, 120, 600, 3600, 21600)
 DUE_KEY = "due"
-_DEAD_CHANNEL = (AMQPError, ChannelInvalidStateError, ConnectionError)
 
 
 class TimersConfigError(RuntimeError):
@@ -96,7 +97,7 @@ class Topology:
         return (self.delay_exchange, self.due_exchange)
 
 
-class RabbitTimers:
+class RabbitTimers(Connected):
     def __init__(self, url: str, clock: Clock, *, prefix: str = "oms",
                  tiers: tuple[float, ...] = DEFAULT_TIERS, prefetch: int = 500,
                  pending_refresh: float = 5.0, publish_retry_for: float = 30.0) -> None:
@@ -132,14 +133,7 @@ class RabbitTimers:
             await self.close()
             raise
 
-    async def close(self) -> None:
-        if self._connection is not None:
-            connection, self._connection = self._connection, None
-            await connection.close()
 
-    async def ping(self) -> bool:
-        """Readiness probe, without I/O: connected now (connect_robust clears this while it reconnects)."""
-        return _connected(self._connection)
 
     async def _declare(self) -> None:
         """Declare on a throw-away channel: a robust channel would replay the declares on every
@@ -162,7 +156,7 @@ class RabbitTimers:
                 f"RabbitMQ timers topology {topo.prefix!r} conflicts with queues/exchanges already on the "
                 f"broker ({exc}). Refusing to start: delete them or use another prefix.") from exc
         finally:
-            await _quietly(channel.close())
+            await quietly(channel.close(), "timers")
 
     # -- scheduling -----------------------------------------------------------
 
@@ -183,7 +177,7 @@ class RabbitTimers:
                 return
             except PublishError:
                 raise
-            except _DEAD_CHANNEL:
+            except DEAD_CHANNEL:
                 if time.monotonic() >= give_up:
                     raise
                 await anyio.sleep(0.5)
@@ -220,7 +214,7 @@ class RabbitTimers:
             return
         try:
             await self.refresh_pending()
-        except _DEAD_CHANNEL as exc:  # a metric: never stop delivering timers for it
+        except DEAD_CHANNEL as exc:  # a metric: never stop delivering timers for it
             self._refreshed = time.monotonic()
             log.warning("timers: could not refresh pending count: %r", exc)
 
@@ -240,11 +234,11 @@ class RabbitTimers:
             finally:
                 # Stop deliveries first; whatever is unacked is requeued when the channel closes (PITFALL 15).
                 with anyio.move_on_after(5, shield=True):
-                    await _quietly(queue.cancel(tag))
+                    await quietly(queue.cancel(tag), "timers")
         finally:
             self._held = _Held()
             with anyio.move_on_after(5, shield=True):
-                await _quietly(channel.close())
+                await quietly(channel.close(), "timers")
 
     async def _deliver_forever(self, receive, on_due) -> None:
         self._held = held = _Held()
@@ -298,12 +292,12 @@ class RabbitTimers:
         Unroutable ends run(); a broker away for longer than the retries requeues the delivery."""
         try:
             await self._park(message.body, due.at)
-            await _quietly(message.ack())
+            await quietly(message.ack(), "timers")
         except PublishError:
             raise
-        except _DEAD_CHANNEL as exc:
+        except DEAD_CHANNEL as exc:
             log.warning("timers: could not re-park %r, requeued: %r", due, exc)
-            await _quietly(message.nack(requeue=True))
+            await quietly(message.nack(requeue=True), "timers")
         finally:
             unacked.discard(message)  # only now: a multiple-ack covering an ack in flight is a 406
 
@@ -316,24 +310,18 @@ class RabbitTimers:
         except BaseException:
             with anyio.CancelScope(shield=True):  # back to the queue for another try
                 for message, _ in fire:
-                    await _quietly(message.nack(requeue=True))
+                    await quietly(message.nack(requeue=True), "timers")
             raise
 
     async def _ack(self, messages: list[AbstractIncomingMessage], unacked: _Unacked) -> None:
         """One multiple-ack per channel for the part of the batch below every still-unacked delivery."""
         by_channel: dict[int, list[AbstractIncomingMessage]] = {}
         for message in messages:
-            channel = _live_channel(message)
+            channel = live_channel(message)
             if channel is not None:  # a dead channel's messages were requeued by the broker (PITFALL 14)
                 by_channel.setdefault(id(channel), []).append(message)
         for key, group in by_channel.items():
-            floor = unacked.floor(key)
-            below = [m for m in group if m.delivery_tag < floor]
-            if below:
-                await _quietly(max(below, key=lambda m: m.delivery_tag).ack(multiple=True))
-            for message in group:
-                if message.delivery_tag > floor:
-                    await _quietly(message.ack())
+            await ack_below(group, unacked.floor(key), "timers")
 
 
 class _Held:
@@ -369,7 +357,7 @@ class _Unacked:
         self._keys: dict[int, tuple[int, int]] = {}  # id(message) -> (id(channel), tag)
 
     def add(self, message: AbstractIncomingMessage) -> None:
-        channel = _live_channel(message)
+        channel = live_channel(message)
         if channel is not None:
             self._keys[id(message)] = (id(channel), message.delivery_tag)
 
@@ -401,22 +389,4 @@ def _sole(group: BaseExceptionGroup) -> BaseException:
     return group.exceptions[0] if len(group.exceptions) == 1 else group
 
 
-def _connected(connection) -> bool:
-    return connection is not None and not connection.is_closed and connection.connected.is_set()
 
-
-def _live_channel(message: AbstractIncomingMessage):
-    try:
-        return message.channel
-    except ChannelInvalidStateError:
-        return None
-
-
-async def _quietly(awaitable) -> None:
-    """Acks, cancels and closes on a channel that may have died meanwhile: nothing to do then."""
-    try:
-        await awaitable
-    except ChannelInvalidStateError:
-        pass  # the expected case after a reconnect: the broker has requeued the delivery
-    except _DEAD_CHANNEL as exc:
-        log.warning("timers: ignored a failed ack/cancel/close: %r", exc)

@@ -40,7 +40,7 @@ class Harness:
             "scenario": to_dict(scenario), "machine": machine(),
             "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join(["oms bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else " ".join(sys.argv),
-            "runs": {}, "comparisons": {}, "notes": []}
+            "runs": {}, "comparisons": {}, "notes": [], "incomplete": []}
 
     # -- the whole scenario ----------------------------------------------------
 
@@ -132,6 +132,7 @@ class Harness:
                                       if result.get("finished") else None)
         self.results["runs"][name] = result
         if result.get("stopped") not in (None, "finished"):
+            self.results["incomplete"].append(name)
             self.results["notes"].append(f"run {name} {result['stopped']}: {result['finished']} of "
                                          f"{result['orders']} orders ended")
         gc.collect()

@@ -110,3 +110,18 @@ class Daemon:
 
     def post(self, path: str, body: Any = None) -> tuple[int, Any]:
         return self.call("POST", path, body)
+
+
+def production_backends(prefix: str) -> str:
+    """Config text putting the broker on RabbitMQ and the counters on Redis, under the test's own
+    prefix (queues, exchanges and keys of one test never meet another's); store.url is
+    write_config's `store_url`."""
+    return f"""
+[broker]
+url = "amqp://guest:guest@127.0.0.1:5672/"
+prefix = "{prefix}"
+delay_tiers = [0.5, 1.0]
+[coordination]
+url = "redis://127.0.0.1:6379/0"
+prefix = "{prefix}:"
+"""
