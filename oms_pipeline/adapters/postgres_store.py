@@ -28,7 +28,8 @@ schema missing says so and stops.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import asyncpg
@@ -45,8 +46,11 @@ DEFAULT_WRITERS = 2
 # two writers aborts one of them. Both succeed when the whole transaction runs again.
 RETRIED = (asyncpg.InvalidCachedStatementError, asyncpg.DeadlockDetectedError)
 # The server is away (restarting, shutting down, unreachable): callers wait and try again.
+# InternalClientError: a pooled connection left mid-operation by the server going away ("cannot
+# switch to state ..."): the pool drops it on release and the next attempt gets a fresh one.
 UNREACHABLE = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-               asyncpg.CannotConnectNowError, asyncpg.AdminShutdownError, asyncpg.ConnectionFailureError)
+               asyncpg.CannotConnectNowError, asyncpg.AdminShutdownError, asyncpg.ConnectionFailureError,
+               asyncpg.InternalClientError)
 
 
 class MigrationNeeded(RuntimeError):
@@ -217,7 +221,7 @@ class PostgresStore:
         A lost connection (the server restarting, a network cut) is StoreUnavailable."""
         for attempt in (1, 2):
             try:
-                async with self._acquire() as conn, conn.transaction():
+                async with self._acquire() as conn, _dropped_if_broken(conn), conn.transaction():
                     return await work(conn)
             except RETRIED:
                 if attempt == 2:
@@ -235,7 +239,7 @@ class PostgresStore:
     async def _rows(self, query: str, *args: Any) -> list[asyncpg.Record]:
         # Outside a transaction asyncpg itself re-prepares a stale statement once.
         try:
-            async with self._acquire() as conn:
+            async with self._acquire() as conn, _dropped_if_broken(conn):
                 return await conn.fetch(Q[query], *args)
         except UNREACHABLE as exc:
             raise StoreUnavailable(f"postgresql: {type(exc).__name__}: {exc}") from None
@@ -288,6 +292,17 @@ class PostgresStore:
 
     async def reverse_open(self, limit: int = 500, after: str = "") -> list[ReverseRecord]:
         return [ReverseRecord(*r) for r in await self._rows("reverse_open", after, limit)]
+
+
+@contextlib.asynccontextmanager
+async def _dropped_if_broken(conn: asyncpg.Connection) -> AsyncIterator[None]:
+    """A connection the server's going away left mid-operation is closed here, so the pool
+    opens a fresh one instead of handing it out again."""
+    try:
+        yield
+    except asyncpg.InternalClientError:
+        conn.terminate()
+        raise
 
 
 def _settle(requests: list[_Request], error: BaseException | None) -> None:
