@@ -16,9 +16,7 @@ import orjson
 from aiohttp import web
 
 from . import logs, reverse, schemas, states
-from .order import KINDS, Order, decode
-from .outcome import TransientError
-from .keyed_lock import KeyedLock
+from .order import KINDS, decode
 from .pipeline import ShuttingDown
 from .ports import store as st
 from .stock import StockUnavailable
@@ -126,11 +124,8 @@ class Api:
         self.app = app
         self.pipeline = app.pipeline
         self.ready = False
-        # Requests that release an order (payment, replay) run one after another per order. The
-        # store's compare-and-set already stops a second release; this makes the second copy of a
-        # payment find the first booked and answer "duplicate" rather than "conflict".
-        self.busy = KeyedLock()
-        self._one_at_a_time = self.busy.hold
+        # A replay from the exception centre and a payment for the same order: one after the other.
+        self._one_at_a_time = app.payments.busy.hold
         self._openapi: bytes | None = None
 
     def routes(self) -> list[web.RouteDef]:
@@ -236,80 +231,8 @@ class Api:
         return await self.pay(validate(schemas.PaymentIn, await body_json(request)))
 
     async def pay(self, pay: schemas.PaymentIn) -> web.Response:
-        # One notification per order at a time: a second copy of a payment arriving while the
-        # first is being booked must find it booked (a duplicate), not book it again.
-        async with self._one_at_a_time(pay.order_no):
-            return await self._pay(pay)
-
-
-    async def _pay(self, pay: schemas.PaymentIn) -> web.Response:
-        """Seed 001's payment boundaries. The booked payment again: a no-op. A payment the order
-        can no longer take (cancelled, or its deadline passed by the server's clock even if the
-        timeout has not fired yet): recorded and refunded, the order stays cancelled. An amount
-        other than the payable: recorded, the order goes to the exception centre."""
-        pipeline = self.pipeline
-        stored = await pipeline.store.get(pay.order_no)
-        if stored is None:
-            return problem(404, f"no order {pay.order_no}")
-        order = decode(stored.doc)
-        if order.results.get("payment_id") == pay.payment_id:
-            return json_response({"order_no": pay.order_no, "duplicate": True, "status": stored.status})
-        late = next((p for p in order.results.get("late_payments", ()) if p["payment_id"] == pay.payment_id), None)
-        if late is not None:  # recorded before: make sure its refund is booked (the key makes it once)
-            return await self._refund(pay.order_no, late, duplicate=True)
-        if stored.state == st.WAIT_PAY and order.pay_deadline is not None \
-                and pipeline.clock.now() > order.pay_deadline:
-            await pipeline.expire_payment(pay.order_no)  # the deadline passed: cancel it now, not at the timer
-            stored = await pipeline.store.get(pay.order_no)
-        if stored.state == st.CANCELLED:
-            return await self._late_payment(pay)
-        if stored.state != st.WAIT_PAY:
-            return problem(409, f"order {pay.order_no} is not waiting for payment (state {stored.state})")
-
-        def booked(o: Order) -> None:
-            o.amounts.paid = pay.amount
-            o.amounts.non_cash, o.amounts.cash = pay.non_cash, pay.amount - pay.non_cash
-            o.results["payment_id"] = pay.payment_id
-
-        payable = order.amounts.payable
-        if pay.amount != payable:
-            reason = f"paid {pay.amount}, payable {payable}"
-            if not await pipeline.hold(pay.order_no, f"{reason} (payment {pay.payment_id} via {pay.channel})", booked):
-                return problem(409, f"order {pay.order_no} changed meanwhile; try again")
-            return json_response({"order_no": pay.order_no, "duplicate": False, "status": states.MANUAL_REVIEW,
-                                  "reason": reason})
-        released = await pipeline.release(pay.order_no, f"paid {pay.amount} via {pay.channel}", booked)
-        if not released:
-            return problem(409, f"order {pay.order_no} changed meanwhile; try again")
-        return json_response({"order_no": pay.order_no, "duplicate": False, "status": "PAID"})
-
-    async def _late_payment(self, pay: schemas.PaymentIn) -> web.Response:
-        """Money for a cancelled order: on the order's record first (results["late_payments"] and a
-        history row "late_payment"), then refunded in full. Never revives the order."""
-        entry = {"payment_id": pay.payment_id, "amount": pay.amount, "non_cash": pay.non_cash,
-                 "cash": pay.amount - pay.non_cash, "channel": pay.channel, "at": self.pipeline.clock.now()}
-
-        def record(o: Order) -> None:
-            o.results.setdefault("late_payments", []).append(entry)
-
-        reason = f"payment {pay.payment_id} of {pay.amount} after cancellation: refunded"
-        if not await self.pipeline.note(pay.order_no, st.CANCELLED, "late_payment", reason, record):
-            return problem(409, f"order {pay.order_no} changed meanwhile; try again")
-        return await self._refund(pay.order_no, entry, duplicate=False)
-
-    async def _refund(self, order_no: str, payment: dict[str, Any], duplicate: bool) -> web.Response:
-        refund_id = None
-        if payment["amount"] > 0:
-            try:
-                refund_id = await self.pipeline.ports.finance.refund(
-                    f"{order_no}:refund:{payment['payment_id']}", order_no, payment["amount"],
-                    "payment after cancellation")
-            except TransientError as exc:
-                # Recorded, not yet refunded: the payment centre notifies again and we retry (same key).
-                return problem(503, f"payment {payment['payment_id']} recorded, its refund failed for now "
-                                    f"({exc}); notify again")
-        return json_response({"order_no": order_no, "duplicate": duplicate, "status": states.CANCELLED,
-                              "refunded": True, "refund_id": refund_id})
+        answer = await self.app.payments.notify(pay)
+        return json_response(answer.body, answer.status)
 
     async def can_pay(self, request: web.Request) -> web.Response:
         """The cashier asks before taking money (seed 001): the real time decides, not only

@@ -16,6 +16,7 @@ from .config import ConfigError, Settings
 from .health import Health
 from .intake import Intake
 from .order import KINDS
+from .payments import Payments
 from .pipeline import Pipeline, stage_configs
 from .relay import LocalPublisher, Relay, holder_id
 from .reverse import Reverse
@@ -36,6 +37,7 @@ class App:
     exit_stack: AsyncExitStack
     stock: Stock | None = None
     reverse: Any = None  # oms_pipeline.reverse.Reverse
+    payments: Any = None  # oms_pipeline.payments.Payments
     relay: Relay | None = None
     broker_intake: Any = None  # RabbitIntake with broker.url amqp://; None: orders come over HTTP only
     health: Health | None = None  # the dependencies /readyz probes
@@ -217,7 +219,8 @@ async def build(settings: Settings, *, clock: Clock | None = None) -> App:
         reverse = Reverse(pipeline, settings, intake)
         ports.wms.reporter = reverse.warehouse_report  # the simulated warehouse reports back to us
         pipeline.services.append(reverse.run)  # open reverse requests after a restart, and retries
-        app = App(settings, pipeline, intake, effects, stack, stock, reverse, relay)
+        app = App(settings, pipeline, intake, effects, stack, stock, reverse=reverse, relay=relay,
+                  payments=Payments(pipeline))
         app.broker_intake = await _open_broker_intake(app, stack)
         app.health = _health(store, timers, coordination, app.broker_intake)
         rabbitmq = [a.ping for a in (relay.publisher, downstream) if hasattr(a, "ping")]

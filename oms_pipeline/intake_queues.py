@@ -10,9 +10,9 @@
   the like) with the order's number in `order_no`, to `App.reverse.request`.
 * `reports`: a WMS/TMS status report, to `App.reverse.report`.
 
-A queue is consumed once the app has the module that handles it
-(`App.payments`, `App.reverse`); until then it is declared but not consumed,
-so what upstream publishes waits in it. Their answers are HTTP-like (status,
+A queue is consumed when the app has the module that handles it
+(`App.payments`, `App.reverse`: every daemon has both); otherwise it is
+declared but not consumed, so what upstream publishes waits in it. Their answers are HTTP-like (status,
 body): 2xx is done (a duplicate when the body says so), 5xx and a 409 that
 says "try again" are retried, any other 4xx is dead-lettered with its error.
 """

@@ -117,8 +117,9 @@ class PaymentResult(_Answer):
     order_no: str
     duplicate: bool = Field(description="true: this payment_id was booked before; nothing changed")
     status: Status
-    refunded: bool | None = Field(None, description="present (true) when the order was cancelled before the "
-                                                    "payment arrived: the payment is recorded and refunded in full")
+    refunded: bool | None = Field(None, description="present (true) when the order could not take the payment "
+                                                    "(cancelled before it arrived, or paid already by another): "
+                                                    "it is recorded and refunded in full")
     refund_id: str | None = Field(None, description="the finance refund, when refunded (null for an amount of 0)")
     reason: str | None = Field(None, description="present when the payment went to manual review: "
                                                  "\"paid X, payable Y\"")
@@ -266,8 +267,10 @@ already booked is a no-op (`duplicate: true`), whatever the order's state since.
 A payment for an order that was cancelled, or whose pay deadline has passed by
 the server's clock (a payment exactly at the deadline is taken), is recorded on
 the order and refunded in full (`refunded: true`); the order stays cancelled.
-A payment whose amount differs from the payable is recorded and the order goes
-to the exception centre (`status: MANUAL_REVIEW`, `reason`).
+A second, different payment for an order paid already is recorded and refunded
+in full too (`refunded: true`); the order goes on as it was. A payment whose
+amount differs from the payable is recorded and the order goes to the
+exception centre (`status: MANUAL_REVIEW`, `reason`).
 """
 
 CAN_PAY = """\
@@ -367,7 +370,8 @@ PATHS: dict[tuple[str, str], dict[str, Any]] = {
         "answers": {"200": ("PaymentResult", ("booked and the order released into fulfilment, a duplicate, "
                                               "refunded (order cancelled), or sent to manual review (amount)")),
                     "404": ("Problem", "no such order"),
-                    "409": ("Problem", "the order is paid already (another payment_id) or in the exception centre"),
+                    "409": ("Problem", "the order is in the exception centre (a person decides), or it changed "
+                                       "meanwhile (being worked on): try again"),
                     "413": ("Problem", "body larger than http.max_body_bytes"),
                     "422": ("ValidationProblem", "invalid request: every field with its reason"),
                     "503": ("Problem", "a late payment was recorded but its refund failed for now: notify again")}},

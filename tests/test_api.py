@@ -551,7 +551,7 @@ async def test_copies_of_one_payment_in_the_same_loop_turn_book_it_once(tmp_path
             assert sorted(a["duplicate"] for a in answers) == [False] + [True] * 9, answers
             events = await app.pipeline.store.events(created.order_no)
             assert [e.to_status for e in events].count("PAID") == 1, events
-            assert len(server.busy) == 0  # nothing left behind
+            assert len(app.payments.busy) == 0  # nothing left behind
             tg.cancel_scope.cancel()
     finally:
         await app.aclose()

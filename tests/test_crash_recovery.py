@@ -37,16 +37,27 @@ def requests(n: int = N) -> list[dict]:
 def feed(d: Daemon, batch: list[dict]) -> None:
     """Submit as an upstream system does: resend until answered, then pay what waits."""
     def one(request: dict) -> None:
-        status, body = d.post("/orders", request)
+        status, body = _retried(d, "/orders", request)
         assert status in (200, 201), body
         waiting = body.get("status") == "WAIT_PAY" if status == 201 else body["state"] == "wait_pay"
         if waiting:
             payable = body["payable"] if status == 201 else body["order"]["amounts"]["payable"]
-            paid = d.post("/payments", {"order_no": body["order_no"], "payment_id": f"P-{body['order_no']}",
-                                        "amount": payable})
+            paid = _retried(d, "/payments", {"order_no": body["order_no"], "payment_id": f"P-{body['order_no']}",
+                                             "amount": payable})
             assert paid[0] == 200, paid
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(one, batch))
+
+
+def _retried(d: Daemon, path: str, body: dict) -> tuple[int, dict]:
+    """As an upstream system does: a 503 (the store away a moment, e.g. a connection reset) or a
+    409 "try again" is sent again."""
+    for _ in range(50):
+        status, answer = d.post(path, body)
+        if status != 503 and not (status == 409 and "try again" in answer.get("error", "")):
+            return status, answer
+        time.sleep(0.2)
+    return status, answer
 
 
 def feed_until_killed(d: Daemon, batch: list[dict], kill_after: float) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import anyio
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -152,7 +153,7 @@ async def test_a_payment_after_cancellation_is_recorded_refunded_once_and_never_
     doc = (await env.call("GET", f"/orders/{no}"))[1]
     assert doc["order"]["results"]["late_payments"] == [
         {"payment_id": "P-1", "amount": payable, "non_cash": 500, "cash": payable - 500, "channel": "unknown",
-         "at": START + 4201}]
+         "at": START + 4201, "why": "after cancellation"}]
     assert doc["order"]["amounts"]["paid"] == 0  # never booked on the order
     late = [h for h in doc["history"] if h["outcome"] == "late_payment"]
     assert len(late) == 1 and late[0]["stage"] == "payment" and "P-1" in late[0]["reason"]
@@ -236,3 +237,27 @@ async def test_an_order_whose_stock_is_short_is_409_and_not_created(env):
     status, again = await env.call("POST", "/orders", {**body, "external_id": "E1",
                                                         "lines": [{**body["lines"][0], "qty": 8}]})
     assert status == 200 and again["created"] is False
+
+
+async def test_a_second_different_payment_for_a_paid_order_is_recorded_and_refunded_once(env):
+    created = await env.create("E-TWICE")
+    no, payable = created["order_no"], created["payable"]
+    assert (await env.pay(no, "P-1", payable))[1]["status"] == "PAID"
+    status, body = await env.pay(no, "P-2", payable)
+    assert status == 409 and "try again" in body["error"], body  # in flight: recorded once it rests
+    async with anyio.create_task_group() as tg:
+        await tg.start(env.app.pipeline.run)
+        for _ in range(200):
+            status, body = await env.pay(no, "P-2", payable)
+            if status == 200:
+                break
+            await anyio.sleep(0.01)
+        tg.cancel_scope.cancel()
+    assert body["refunded"] is True and body["duplicate"] is False, body
+    openapi.PaymentResult.model_validate(body)
+    again = (await env.pay(no, "P-2", payable))[1]
+    assert again["refunded"] is True and again["duplicate"] is True  # a repeat: the same refund, once
+    assert env.refunds() == {f"{no}:refund:P-2": payable}
+    view = (await env.call("GET", f"/orders/{no}"))[1]
+    assert view["order"]["results"]["payment_id"] == "P-1" and view["order"]["amounts"]["paid"] == payable
+    assert [p["payment_id"] for p in view["order"]["results"]["late_payments"]] == ["P-2"]

@@ -282,6 +282,27 @@ async def test_reverse_requests_and_reports_from_their_queues_reach_the_reverse_
         assert counts[("reverse", "duplicate")] == 1  # the same request id again: the same reverse order
 
 
+async def test_payment_notifications_from_their_queue_pay_the_order_like_the_api(tmp_path):
+    prefix = new_prefix()
+    order = {**plain_orders(1, seed=10, tag="pay")[0], "kind": "toc", "source": "app", "payment_method": "online"}
+    async with app_on_rabbitmq(tmp_path, prefix) as app:
+        created = (await app.intake.create([app.intake.request(order)]))[0]
+        assert created.status == "WAIT_PAY"
+        payment = {"order_no": created.order_no, "payment_id": "PQ-1", "amount": created.payable}
+        await publish(f"{prefix}.intake.payments", [orjson.dumps(payment), orjson.dumps(payment),
+                                                     orjson.dumps({"order_no": created.order_no})])
+        dead = {m.headers[ORIGIN]: m.headers[REASON] for m in await take_dead(prefix, 1)}
+        assert dead[f"{prefix}.intake.payments"].startswith("invalid request: payment_id: ")
+        counts = app.broker_intake.counts.messages
+
+        async def both_taken() -> bool:
+            return counts.get(("payments", "accepted"), 0) + counts.get(("payments", "duplicate"), 0) == 2
+        await wait_for(both_taken)
+        assert counts[("payments", "duplicate")] == 1  # the same payment again: a no-op
+        order_doc = (await app.pipeline.store.get(created.order_no))
+        assert order_doc.status != "WAIT_PAY"
+
+
 async def test_a_payment_request_through_the_intake_verdicts_follow_the_answer():
     from oms_pipeline.intake_queues import verdict
     from oms_pipeline.ports.intake import DUPLICATE, RETRY
