@@ -91,8 +91,11 @@ def _timers_for(url: str, settings: Settings, clock: Clock) -> Any:
     if url == "memory://":
         return MemoryTimers(clock)
     if url.startswith(("amqp://", "amqps://")):
-        from .adapters.rabbitmq_timers import RabbitTimers
-        return RabbitTimers(url, clock, prefix=settings.broker.prefix, tiers=tuple(settings.broker.delay_tiers))
+        from .adapters.rabbitmq_timers import RabbitTimers, with_deadlines
+        # A tier per pay timeout: every pay deadline then parks once (no walk down the ladder).
+        pay = settings.payment
+        tiers = with_deadlines(tuple(settings.broker.delay_tiers), (pay.timeout, *pay.timeout_by_kind.values()))
+        return RabbitTimers(url, clock, prefix=settings.broker.prefix, tiers=tiers)
     raise ConfigError(f"{settings.source}: key broker.url: {url!r} is not supported (amqp://... or memory://)")
 
 

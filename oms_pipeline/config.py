@@ -85,6 +85,7 @@ class BrokerSettings(_Frozen):
     url: str = "memory://"
     prefix: str = "oms"  # names of the exchanges and queues on RabbitMQ
     # Delay-queue tiers in seconds: a timer walks down them; it fires at most half the smallest tier late.
+    # Every payment timeout is added as a tier (app.py), so a pay deadline parks once.
     delay_tiers: Annotated[tuple[PositiveFloat, ...], msgspec.Meta(min_length=1)] = (1, 5, 30, 120, 600, 3600, 21600)
     # The sweeper (safety net behind the timers): every sweep_interval seconds it fires wake-ups and
     # pay deadlines overdue by more than sweep_grace seconds, ones the broker lost.

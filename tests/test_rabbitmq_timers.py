@@ -126,6 +126,41 @@ async def test_a_long_park_walks_the_ladder():
         assert fired_at - scheduled < 2.3 + 0.2 / 2 + 0.5
 
 
+def test_a_timer_goes_to_the_largest_tier_it_does_not_overshoot_by_more_than_half_the_smallest():
+    timers = RabbitTimers(URL, SystemClock(), prefix="oms-unopened", tiers=(1.0, 5.0, 600.0))  # never opened
+    due, delay = timers.topology.due_exchange, timers.topology.delay_exchange
+    assert timers._route(0.49) == (due, "due")  # held in memory until `at`
+    assert timers._route(0.5) == (delay, "1s")
+    assert timers._route(4.4) == (delay, "1s") and timers._route(4.5) == (delay, "5s")
+    # a pay deadline armed for exactly a tier, published a moment later: that tier, not the ladder below
+    assert timers._route(600 - 0.03) == (delay, "600s")
+    assert timers._route(599.4) == (delay, "5s")
+
+
+def test_the_daemon_adds_its_pay_timeouts_to_the_tiers():
+    from oms_pipeline import app, config
+    settings = config.from_mapping({"broker": {"url": URL, "delay_tiers": [1, 30]},
+                                    "payment": {"timeout": 900, "timeout_by_kind": {"toc": 45}}})
+    assert app._timers_for(URL, settings, SystemClock()).topology.tiers == (1, 30, 45, 900)
+
+
+async def test_a_deadline_of_exactly_a_tier_parks_once():
+    async with rabbit_timers(tiers=(0.4, 2.0)) as timers:
+        recorder = Recorder()
+
+        async def arm(i: int) -> None:  # as intake arms a pay deadline: now + the timeout, then publish
+            await timers.schedule("pay_deadline", f"D{i}", time.time() + 2.0)
+
+        async with running(timers, recorder):
+            async with anyio.create_task_group() as tg:
+                for i in range(200):
+                    tg.start_soon(arm, i)
+            await recorder.wait_for(200, timeout=15)
+        assert timers.reparked == 0  # straight from the 2 s tier to the due queue, never back
+        assert sorted(d.order_no for d, _ in recorder.fired) == sorted(f"D{i}" for i in range(200))
+        assert min(now - d.at for d, now in recorder.fired) >= 0
+
+
 async def test_an_unroutable_timer_raises():
     async with rabbit_timers(tiers=(0.2, 1.0)) as timers:
         connection = await aio_pika.connect(URL)

@@ -10,14 +10,22 @@ Topology, declared once by `open()` (a mismatch is a fatal configuration error):
 Every message in a tier queue has the same TTL, so the head always expires
 first: no head-of-line blocking (PITFALL 17), unlike per-message TTL.
 
-Ladder: a timer goes to the largest tier <= its remaining time, so it reaches
-the due queue at or before `at`. `run()` re-parks a timer that arrives early
-the same way, so a 2 h 10 min park walks 3600 s, 3600 s, 600 s. Nothing in the
-process holds a parked timer: memory stays flat whatever is scheduled.
+Ladder, with s = the smallest tier and r = at - now: a timer goes to the
+largest tier <= r + s/2, so it reaches the due queue at most s/2 after `at`.
+`run()` re-parks a timer that arrives early the same way, so a 2 h 10 min park
+walks 3600 s, 3600 s, 600 s. Nothing in the process holds a parked timer:
+memory stays flat whatever is scheduled.
 
-Precision, with s = the smallest tier and r = at - now:
-  * r >= s: parked in tiers until r < s (a tier never overshoots `at`);
-  * s/2 <= r < s: the smallest tier, so it fires up to s - r <= s/2 late;
+Why r + s/2 and not r: a timer armed for exactly a tier's length (a pay
+deadline of `payment.timeout`, which the daemon adds to the tiers) has a
+remaining time a few milliseconds short of that tier by the time it is
+published. Rounded down it would walk the whole ladder below (600 s: 120, 120,
+120, 120, 30, 30, 30, 5, ... ), every step a consume and a confirmed publish;
+with the half-tier allowance it parks once and is consumed once. That is what
+lets 200,000 pending pay deadlines fire on time (bench/RESULTS.md).
+
+Precision:
+  * r >= s/2: parked in tiers, each at most s/2 past `at` in total;
   * r < s/2 (or due): straight to the due queue; `run()` keeps it unacked in
     memory (at most `prefetch` of them) until `at`.
 So a timer fires in [at, at + s/2], plus broker and consumer latency
@@ -58,6 +66,16 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TIERS = (1, 5, 30, 120, 600, 3600, 21600)
 DUE_KEY = "due"
+# Unacked deliveries of the due queue. A batch is acked once its callback returns, so prefetch is
+# how much the broker can send ahead meanwhile: at 500 a 200,000-deadline burst fell ~1.5 s
+# behind (the consumer waited on its own acks); at 2,000 it keeps up (bench/RESULTS.md).
+DEFAULT_PREFETCH = 2000
+
+
+def with_deadlines(tiers: tuple[float, ...], deadlines: tuple[float, ...]) -> tuple[float, ...]:
+    """The tiers plus a tier per standard deadline (the pay timeouts), so a timer armed for one
+    of them parks once instead of walking the ladder below it."""
+    return tuple(sorted(set(tiers) | set(deadlines)))
 
 
 class TimersConfigError(RuntimeError):
@@ -99,7 +117,7 @@ class Topology:
 
 class RabbitTimers(Connected):
     def __init__(self, url: str, clock: Clock, *, prefix: str = "oms",
-                 tiers: tuple[float, ...] = DEFAULT_TIERS, prefetch: int = 500,
+                 tiers: tuple[float, ...] = DEFAULT_TIERS, prefetch: int = DEFAULT_PREFETCH,
                  pending_refresh: float = 5.0, publish_retry_for: float = 30.0) -> None:
         if not tiers or min(tiers) <= 0:
             raise ValueError("tiers must be positive seconds")
@@ -115,6 +133,7 @@ class RabbitTimers(Connected):
         self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
         self._held = _Held()
         self._queued = 0
+        self.reparked = 0  # timers that came back early and went into a tier again (each a broker round trip)
         self._refreshed = float("-inf")
 
     # -- lifecycle ------------------------------------------------------------
@@ -185,12 +204,10 @@ class RabbitTimers(Connected):
     def _route(self, remaining: float) -> tuple[str, str]:
         """(exchange, routing key) for a timer `remaining` seconds away; see the module docstring."""
         topo = self.topology
-        smallest = topo.tiers[0]
-        if remaining < smallest / 2:
+        allowance = topo.tiers[0] / 2
+        if remaining < allowance:
             return topo.due_exchange, DUE_KEY
-        if remaining < smallest:
-            return topo.delay_exchange, topo.tier_key(smallest)
-        tier = topo.tiers[bisect.bisect_right(topo.tiers, remaining) - 1]
+        tier = topo.tiers[bisect.bisect_right(topo.tiers, remaining + allowance) - 1]
         return topo.delay_exchange, topo.tier_key(tier)
 
     # -- pending (a metric) ---------------------------------------------------
@@ -292,6 +309,7 @@ class RabbitTimers(Connected):
         Unroutable ends run(); a broker away for longer than the retries requeues the delivery."""
         try:
             await self._park(message.body, due.at)
+            self.reparked += 1
             await quietly(message.ack(), "timers")
         except PublishError:
             raise
