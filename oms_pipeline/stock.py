@@ -70,10 +70,6 @@ def reservation_key(order_no: str, sku: str, warehouse: str) -> str:
     return f"{order_no}:reserve:{sku}@{warehouse}"
 
 
-def restock_key(order_no: str, sku: str, warehouse: str) -> str:
-    return f"{order_no}:restock:{sku}@{warehouse}"
-
-
 def order_of(key: str) -> str:
     """The order number a reservation key belongs to."""
     return key.split(":reserve:", 1)[0]
@@ -93,12 +89,11 @@ def wanted(order: Order) -> dict[tuple[str, str], int]:
     return dict(sorted(out.items()))
 
 
-def recorded(order: Order, line_nos: set[int] | None = None) -> dict[tuple[str, str], int]:
-    """Units per (sku, warehouse) recorded at intake, for the given original line numbers (all: None)."""
+def recorded(order: Order) -> dict[tuple[str, str], int]:
+    """Units per (sku, warehouse) recorded at intake."""
     out: Counter[tuple[str, str]] = Counter()
-    for no, (sku, warehouse, qty) in (order.results.get("stock") or {}).get("lines", {}).items():
-        if line_nos is None or int(no) in line_nos:
-            out[(sku, warehouse)] += qty
+    for sku, warehouse, qty in (order.results.get("stock") or {}).get("lines", {}).values():
+        out[(sku, warehouse)] += qty
     return dict(sorted(out.items()))
 
 
