@@ -33,10 +33,11 @@ BURST = {"kind": "third_party", "source": "platform", "payment_method": "none", 
 
 
 
-async def main(n: int, batch: int, db: str) -> None:
+async def main(n: int, batch: int, db: str, checkpoint: bool) -> None:
     url = "memory://" if db == "memory" else f"sqlite:///{db}"
+    kinds = {kind: {"pool": pool, "checkpoint": checkpoint} for kind, pool in (("io", 32), ("cpu", 2))}
     settings = config.from_mapping({"store": {"url": url}, "metrics": {"port": 0},
-                                    "downstream": {"retain_effects": False},
+                                    "downstream": {"retain_effects": False}, "stage_defaults": kinds,
                                     "routing": {"file": str(ROOT / "config" / "routes.toml")}})
     app = await app_module.build(settings)
     p = app.pipeline
@@ -77,6 +78,8 @@ if __name__ == "__main__":
     ap.add_argument("--orders", type=int, default=50_000)
     ap.add_argument("--batch", type=int, default=500)
     ap.add_argument("--db", default="")
+    ap.add_argument("--no-checkpoint", dest="checkpoint", action="store_false",
+                    help="stages checkpoint = false: only rests, ends and status changes are written")
     args = ap.parse_args()
     db = args.db or str(Path(tempfile.mkdtemp()) / "oms.sqlite3")
-    anyio.run(main, args.orders, args.batch, db, backend_options={"use_uvloop": True})
+    anyio.run(main, args.orders, args.batch, db, args.checkpoint, backend_options={"use_uvloop": True})

@@ -46,6 +46,9 @@ class StageSettings(_Frozen):
     timeout: PositiveFloat | None = None
     batch: Positive | None = None
     mode: Literal["inline", "process"] | None = None  # cpu stages only
+    # False: an order that goes straight on to its next stage after this one is not checkpointed
+    # here (it is at the next checkpoint; a crash replays the stage, its effects keyed).
+    checkpoint: bool | None = None
     retry: RetrySettings | None = None
     settings: dict[str, Any] = {}  # the stage's own business settings
 
@@ -56,6 +59,7 @@ class KindDefaults(_Frozen):
     timeout: PositiveFloat = 10.0
     batch: Positive = 256
     mode: Literal["inline", "process"] = "inline"
+    checkpoint: bool = True
 
 
 class StageDefaults(_Frozen):

@@ -59,7 +59,7 @@ def move(order: Order, to: str, now: float, events: list[Event]) -> None:
 class Job:
     """An order this instance is moving through the stages."""
 
-    __slots__ = ("order", "route", "stage", "attempts", "started")
+    __slots__ = ("order", "route", "stage", "attempts", "started", "trail")
 
     def __init__(self, order: Order, route: routing.Route, stage: str, attempts: int, started: float) -> None:
         self.order = order
@@ -67,6 +67,7 @@ class Job:
         self.stage = stage
         self.attempts = attempts
         self.started = started
+        self.trail: list[st.Step] = []  # boundaries passed since its last checkpoint (stages with checkpoint = false)
 
 
 def stage_configs(settings: Settings, specs: Mapping[str, StageSpec]) -> dict[str, StageConfig]:
@@ -78,9 +79,10 @@ def stage_configs(settings: Settings, specs: Mapping[str, StageSpec]) -> dict[st
     for name, spec in specs.items():
         own = settings.stages.get(name)
         kind = getattr(settings.stage_defaults, spec.kind)
-        pool, queue, timeout, batch, mode = (_own_or(own, kind, key) for key in ("pool", "queue", "timeout", "batch", "mode"))
+        pool, queue, timeout, batch, mode, checkpoint = (
+            _own_or(own, kind, key) for key in ("pool", "queue", "timeout", "batch", "mode", "checkpoint"))
         retry_policy = own.retry if own and own.retry else settings.stage_defaults.retry
-        out[name] = StageConfig(pool, queue, timeout, batch, mode, retry_policy,
+        out[name] = StageConfig(pool, queue, timeout, batch, mode, checkpoint, retry_policy,
                                 {**spec.defaults, **(own.settings if own else {})})
     return out
 
@@ -344,6 +346,7 @@ class Pipeline:
         later: list[tuple[Job, float]] = []
         ends: list[tuple[Job, str, str]] = []
         workers = self.workers
+        durable = worker.config.checkpoint
         for job, outcome in zip(batch, outcomes):
             kind = outcome.kind
             children: list[Job] | tuple = ()
@@ -357,8 +360,12 @@ class Pipeline:
                         queue = moves[target] = []
                     queue.append(job)
                     if persistent:
-                        state = st.PAUSED if self.pausing and job.order.order_no in self.pausing else st.QUEUED
-                        records.append(self._record(job, stage, kind, outcome.reason, state, target, None, now))
+                        if self.pausing and job.order.order_no in self.pausing:
+                            records.append(self._record(job, stage, kind, outcome.reason, st.PAUSED, target, None, now))
+                        elif durable or job.order.status != IN_FULFILMENT:  # a status change is always written
+                            records.append(self._record(job, stage, kind, outcome.reason, st.QUEUED, target, None, now))
+                        else:
+                            job.trail.append(st.Step(stage, kind, outcome.reason, now))
                     continue
             else:
                 outcome, target, wake = self._divert(worker, job, outcome, now)
@@ -535,8 +542,11 @@ class Pipeline:
                              order_codec.encode(c.order), order.order_no, (), c.order.member_id)
                     for c in children)
         commands = tuple(self.cancel_commands(order, reason or outcome)) if state == st.CANCELLED else ()
+        trail = ()
+        if job.trail:
+            trail, job.trail = tuple(job.trail), []
         return Checkpoint(order.order_no, stage, outcome, reason, now, state, target, order.status,
-                          job.attempts, wake, order_codec.encode(order), new, tuple(events), commands)
+                          job.attempts, wake, order_codec.encode(order), new, tuple(events), commands, (), trail)
 
     @staticmethod
     def _status(order: Order, state: str, outcome: str, now: float, events: list[Event]) -> None:

@@ -38,6 +38,7 @@ class StageConfig:
     timeout: float
     batch: int
     mode: str
+    checkpoint: bool  # False: a straight hop on from this stage writes no checkpoint of its own
     retry: RetrySettings
     settings: dict[str, Any]
 

@@ -36,7 +36,7 @@ import asyncpg
 
 from .. import sqlfiles
 from ..ports.store import (Checkpoint, Event, HistoryEntry, NewOrder, OutboxRow, ReverseRecord, StoredOrder,
-                           StoreUnavailable, outbox_entries)
+                           StoreUnavailable, history_rows, outbox_entries)
 
 Q = sqlfiles.queries("postgres")
 ACQUIRE_TIMEOUT = 30.0  # never wait forever for a connection (PITFALLS 11)
@@ -395,7 +395,7 @@ async def _checkpoint(conn: asyncpg.Connection, requests: list[_Request], rows: 
     for request in requests:
         request.result = {r.order_no for r in request.arg} & rejected
     await _children(conn, records, rows)
-    rows.history.extend((r.order_no, r.from_stage, r.outcome, r.reason, r.at) for r in records)
+    rows.history.extend(history_rows(records))
     rows.events.extend(event for r in records for event in r.events)
     _gather_side_rows(records, rows)
 
@@ -447,7 +447,7 @@ async def _checkpoint_if(conn: asyncpg.Connection, r: Checkpoint, expect_state: 
                                   r.wake_at, r.doc, r.at, expect_state, store.holder)
     if updated is None:
         return False
-    await _insert(conn, "add_history", [(r.order_no, r.from_stage, r.outcome, r.reason, r.at)])
+    await _insert(conn, "add_history", history_rows([r]))
     await _insert(conn, "add_events", list(r.events))
     rows = _Rows()
     _gather_side_rows([r], rows)

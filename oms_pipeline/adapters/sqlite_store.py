@@ -27,7 +27,7 @@ import orjson
 
 from .. import sqlfiles
 from ..ports.store import (Checkpoint, Event, HistoryEntry, NewOrder, OutboxRow, ReverseRecord, StoredOrder,
-                           outbox_entries)
+                           history_rows, outbox_entries)
 
 Q = sqlfiles.queries("sqlite")
 
@@ -259,7 +259,7 @@ def _checkpoint(conn: sqlite3.Connection, arg: tuple[list[Checkpoint], str]) -> 
         records = [r for r in records if r.order_no not in rejected]
     conn.executemany(Q["checkpoint"], [(r.state, r.stage, r.status, r.attempts, r.wake_at, r.doc,
                                         r.at, holder, r.order_no) for r in records])
-    conn.executemany(Q["history"], [(r.order_no, r.from_stage, r.outcome, r.reason, r.at) for r in records])
+    conn.executemany(Q["history"], history_rows(records))
     conn.executemany(Q["add_event"], [event for r in records for event in r.events])
     _side_rows(conn, records)
     for r in records:
@@ -275,7 +275,7 @@ def _checkpoint_if(conn: sqlite3.Connection, arg: tuple[Checkpoint, str, str]) -
                                             holder, r.order_no, expect_state))
     if cur.rowcount != 1:
         return False
-    conn.execute(Q["history"], (r.order_no, r.from_stage, r.outcome, r.reason, r.at))
+    conn.executemany(Q["history"], history_rows([r]))
     conn.executemany(Q["add_event"], r.events)
     _side_rows(conn, [r])
     return True

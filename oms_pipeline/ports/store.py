@@ -93,6 +93,16 @@ class NewOrder(NamedTuple):
     wake_at: float | None = None  # waiting for payment: the pay deadline (the sweeper's safety net)
 
 
+class Step(NamedTuple):
+    """A stage boundary the order passed without a checkpoint of its own (the stage's
+    `checkpoint = false`): its history row goes with the order's next checkpoint."""
+
+    stage: str
+    outcome: str
+    reason: str
+    at: float
+
+
 class Checkpoint(NamedTuple):
     order_no: str
     from_stage: str  # the stage that just finished
@@ -109,6 +119,7 @@ class Checkpoint(NamedTuple):
     events: tuple[Event, ...] = ()
     commands: tuple[Command, ...] = ()
     reverse: tuple[ReverseRecord, ...] = ()  # reverse orders written (inserted or updated) with it
+    trail: tuple[Step, ...] = ()  # earlier boundaries passed since the last checkpoint, oldest first
 
 
 class StoredOrder(NamedTuple):
@@ -231,6 +242,16 @@ class Store(Protocol):
 
     async def reverse_open(self, limit: int = 500, after: str = "") -> list[ReverseRecord]:
         """Reverse orders not in REVERSE_CLOSED, by number after `after` (resumed at start)."""
+
+
+def history_rows(records: list[Checkpoint]) -> list[tuple[str, str, str, str, float]]:
+    """(order_no, stage, outcome, reason, at) history rows of checkpoints, each one's trail first.
+    Shared by the store adapters so every one keeps the same history."""
+    rows = []
+    for r in records:
+        rows.extend((r.order_no, *step) for step in r.trail)
+        rows.append((r.order_no, r.from_stage, r.outcome, r.reason, r.at))
+    return rows
 
 
 def event_topic(status: str) -> str:
