@@ -15,6 +15,11 @@ through `register_script`, which reloads the script after NOSCRIPT (restart,
 failover, SCRIPT FLUSH; PITFALLS #22). The key's TTL is set only when the key
 is created, so a window's expiry stays fixed at its first use.
 
+Calls made in the same turn of the event loop (every slot of a stage asks at
+once under load) go to Redis together, as one pipeline: one round trip and
+one socket write for all of them, each script still atomic on its own. The
+client's CPU per call, not Redis, was the limit (bench/RESULTS.md).
+
 One difference from LocalCoordination: Redis deletes a set once its last holder
 is released, so a key emptied by releases starts a fresh TTL at its next take.
 The window lives in the key's name (day, hour), so this only delays forgetting.
@@ -28,6 +33,7 @@ Time: TTLs here are real (server) time; a VirtualClock does not move them.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -76,6 +82,20 @@ def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000)) if seconds > 0 else 0
 
 
+def _fail_on_error(calls: list[tuple[list, list, asyncio.Future]]):
+    """A pipeline that failed as a whole (connection lost, timeout) fails every call in it."""
+    def done(task: asyncio.Task) -> None:
+        error = None if task.cancelled() else task.exception()
+        for _, _, future in calls:
+            if future.done():
+                continue
+            if error is None:
+                future.cancel()  # the pipeline's task was cancelled (shutdown)
+            else:
+                future.set_exception(error)
+    return done
+
+
 class RedisCoordination:
     def __init__(self, url: str, *, prefix: str = "oms:", max_connections: int = 32,
                  timeout: float = 5.0) -> None:
@@ -85,6 +105,7 @@ class RedisCoordination:
         self._timeout = timeout
         self._redis: Redis | None = None
         self._take = self._fence = _not_open  # the registered scripts, once open
+        self._takes: list[tuple[list, list, asyncio.Future]] = []  # take_capacity calls of this loop turn
 
     async def open(self) -> None:
         # Bounded pool that waits (up to `timeout`) for a free connection instead of
@@ -130,7 +151,37 @@ class RedisCoordination:
         return bool(await self.client.ping())
 
     async def take_capacity(self, key: str, holder: str, limit: int, ttl: float) -> bool:
-        return bool(await self._take(keys=[self.key(key)], args=[holder, limit, _ms(ttl)]))
+        if self._redis is None:
+            raise RuntimeError(NOT_OPEN)
+        future = asyncio.get_running_loop().create_future()
+        if not self._takes:
+            asyncio.get_running_loop().call_soon(self._send_takes)
+        self._takes.append(([self.key(key)], [holder, limit, _ms(ttl)], future))
+        return bool(await future)
+
+    def _send_takes(self) -> None:
+        calls, self._takes = self._takes, []
+        task = asyncio.ensure_future(self._run_takes(calls))
+        task.add_done_callback(_fail_on_error(calls))
+
+    async def _run_takes(self, calls: list[tuple[list, list, asyncio.Future]]) -> None:
+        if len(calls) == 1:
+            keys, args, future = calls[0]
+            result = await self._take(keys=keys, args=args)
+            if not future.done():
+                future.set_result(result)
+            return
+        async with self.client.pipeline(transaction=False) as pipe:
+            for keys, args, _ in calls:
+                await self._take(keys=keys, args=args, client=pipe)
+            results = await pipe.execute(raise_on_error=False)
+        for (_, _, future), result in zip(calls, results):
+            if future.done():  # its caller gave up (cancelled, timed out)
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
 
     async def release_capacity(self, key: str, holder: str) -> None:
         await self.client.srem(self.key(key), holder)
