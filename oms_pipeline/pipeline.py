@@ -70,6 +70,17 @@ class Job:
         self.trail: list[st.Step] = []  # boundaries passed since its last checkpoint (stages with checkpoint = false)
 
 
+class Family:
+    """A split parent whose children are on their way: its end waits for theirs."""
+
+    __slots__ = ("parent", "left", "dispatched")
+
+    def __init__(self, parent: Job, left: int) -> None:
+        self.parent = parent
+        self.left = left  # children not yet ended
+        self.dispatched = False  # a child was dispatched: the parent ends done, else cancelled
+
+
 def stage_configs(settings: Settings, specs: Mapping[str, StageSpec]) -> dict[str, StageConfig]:
     """Each stage's settings, falling back to the defaults of its kind."""
     unknown = set(settings.stages) - set(specs)
@@ -115,7 +126,7 @@ class Pipeline:
         # The downstream commands a cancel owes (money and stock back: settlement.cancel_everything),
         # written with the cancel's checkpoint whichever path cancels the order.
         self.cancel_commands: Callable[[Order, str], list[st.Command]] = lambda order, reason: []
-        self._open_children: dict[str, int] = {}  # split parents -> children not yet ended
+        self._open_children: dict[str, Family] = {}  # split parents this instance split, children not yet ended
         self._routes: dict[tuple[str, str], routing.Route] = {}
         self.finished: dict[str, int] = {}
         self.e2e = Histogram(E2E_BUCKETS)
@@ -527,7 +538,7 @@ class Pipeline:
             first = route.targets[parent.stage]["next"] if parent.stage in route.targets else route.first
             jobs.append(Job(child, route, first, 0, parent.started))
         parent.order.children = [c.order.order_no for c in jobs]
-        self._open_children[parent.order.order_no] = len(jobs)
+        self._open_children[parent.order.order_no] = Family(parent, len(jobs))
         return jobs
 
     def _record(self, job: Job, stage: str, outcome: str, reason: str, state: str, target: str,
@@ -588,17 +599,33 @@ class Pipeline:
         if end == routing.DONE:
             self.e2e.observe(max(0.0, self.clock.now() - job.started))
         if order.parent_no and end in (routing.DONE, routing.CANCELLED) and self._tg is not None:
-            # Count down here; only the last child (or a child of a parent split
-            # before a restart, which this process did not count) asks the store.
-            left = self._open_children.get(order.parent_no, 1) - 1
-            if left > 0:
-                self._open_children[order.parent_no] = left
-            else:
-                self._open_children.pop(order.parent_no, None)
+            # Count down here: the last child settles the parent from what this instance saw. A
+            # child of a parent split before a restart (or by another instance) asks the store.
+            family = self._open_children.get(order.parent_no)
+            if family is None:
                 self._tg.start_soon(self._settle_parent, order.parent_no)
+            else:
+                family.left -= 1
+                family.dispatched = family.dispatched or end == routing.DONE
+                if family.left == 0:
+                    del self._open_children[order.parent_no]
+                    self._tg.start_soon(self._settle_family, family)
         for listener in self.listeners:
             listener(end, reason, order)
         self._changed.set()
+
+    async def _settle_family(self, family: Family) -> None:
+        """Every child of a parent split here has ended, each seen ending here: the parent's end
+        needs no read of the store, only its checkpoint."""
+        await self._close_parent(family.parent, routing.DONE if family.dispatched else routing.CANCELLED)
+
+    async def _close_parent(self, parent: Job, end: str) -> None:
+        """The split parent's end: done if any child was dispatched, else cancelled."""
+        n = len(parent.order.children)
+        await self._checkpoint([self._record(parent, "children", "settled", f"{n} children ended",
+                                             END_STATES[end], end, None)])
+        for listener in self.listeners:
+            listener(end, "children ended", parent.order)
 
     async def _settle_parent(self, parent_no: str) -> None:
         """A parent ends once every child has: done if any child was dispatched. With the store
@@ -618,11 +645,7 @@ class Pipeline:
             return
         end = routing.DONE if any(c.state == st.DONE for c in children) else routing.CANCELLED
         order = order_codec.decode(parent.doc)
-        job = Job(order, self.route_of(order), parent.stage, 0, self.clock.now())
-        await self._checkpoint([self._record(job, "children", "settled", f"{len(children)} children ended",
-                                             END_STATES[end], end, None)])
-        for listener in self.listeners:
-            listener(end, "children ended", order)
+        await self._close_parent(Job(order, self.route_of(order), parent.stage, 0, self.clock.now()), end)
 
     # -- timers and restart ---------------------------------------------------
 
