@@ -9,16 +9,20 @@ extra window's worth of orders; nothing already done is undone or repeated.
 Fencing counters reset with it too, so a consumer that stores fencing tokens
 must accept a restart of the sequence (e.g. pair the token with its own epoch).
 
-Capacity: one Redis SET of holders per key. `take_capacity` is one Lua script
-(atomic on the server, so concurrent takers never overshoot the limit), run
+Capacity: one Redis SET of holders per key. `take_capacity` runs in a Lua
+script (atomic on the server, so concurrent takers never overshoot the limit), run
 through `register_script`, which reloads the script after NOSCRIPT (restart,
 failover, SCRIPT FLUSH; PITFALLS #22). The key's TTL is set only when the key
 is created, so a window's expiry stays fixed at its first use.
 
 Calls made in the same turn of the event loop (every slot of a stage asks at
-once under load) go to Redis together, as one pipeline: one round trip and
-one socket write for all of them, each script still atomic on its own. The
-client's CPU per call, not Redis, was the limit (bench/RESULTS.md).
+once under load) go to Redis together, as one call of a script that takes
+them all (`TAKE_MANY`, up to MAX_TAKES at once): one command, one round trip
+and one reply for all of them, atomic as a whole. The client's CPU per
+command, not Redis, was the limit (bench/RESULTS.md). The keys of one call
+may live in different hash slots, so on a Redis Cluster the batch would have
+to be split by slot first; a single server or a primary with replicas (what
+the daemon supports) takes it as it is.
 
 One difference from LocalCoordination: Redis deletes a set once its last holder
 is released, so a key emptied by releases starts a fresh TTL at its next take.
@@ -49,14 +53,25 @@ log = logging.getLogger("oms.coordination")
 
 LOCK_POLL = 0.05  # seconds between attempts while waiting for a lock
 
-# KEYS[1] holders set; ARGV: holder, limit, ttl in ms.
-TAKE_CAPACITY = """
-if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 1 end
-if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
-redis.call('SADD', KEYS[1], ARGV[1])
-if redis.call('PTTL', KEYS[1]) == -1 then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
-return 1
+# take_capacity for many takers at once: KEYS[i] is a holders set, ARGV[3i-2..3i] its taker's
+# holder, limit and ttl in ms.
+TAKE_MANY = """
+local out = {}
+for i = 1, #KEYS do
+  local key, holder = KEYS[i], ARGV[3 * i - 2]
+  if redis.call('SISMEMBER', key, holder) == 1 then
+    out[i] = 1
+  elseif redis.call('SCARD', key) >= tonumber(ARGV[3 * i - 1]) then
+    out[i] = 0
+  else
+    redis.call('SADD', key, holder)
+    if redis.call('PTTL', key) == -1 then redis.call('PEXPIRE', key, ARGV[3 * i]) end
+    out[i] = 1
+  end
+end
+return out
 """
+MAX_TAKES = 500  # takers per script call: keeps one call to a millisecond or two of Redis time
 
 # KEYS[1] lock, KEYS[2] its fencing counter; ARGV[1] our lock token.
 # Fencing only while we still hold the lock keeps tokens in acquisition order.
@@ -82,15 +97,15 @@ def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000)) if seconds > 0 else 0
 
 
-def _fail_on_error(calls: list[tuple[list, list, asyncio.Future]]):
-    """A pipeline that failed as a whole (connection lost, timeout) fails every call in it."""
+def _fail_on_error(calls: list[tuple[str, list, asyncio.Future]]):
+    """A script call that failed (connection lost, timeout) fails every take in it."""
     def done(task: asyncio.Task) -> None:
         error = None if task.cancelled() else task.exception()
         for _, _, future in calls:
             if future.done():
                 continue
             if error is None:
-                future.cancel()  # the pipeline's task was cancelled (shutdown)
+                future.cancel()  # the call's task was cancelled (shutdown)
             else:
                 future.set_exception(error)
     return done
@@ -104,8 +119,8 @@ class RedisCoordination:
         self._max_connections = max_connections
         self._timeout = timeout
         self._redis: Redis | None = None
-        self._take = self._fence = _not_open  # the registered scripts, once open
-        self._takes: list[tuple[list, list, asyncio.Future]] = []  # take_capacity calls of this loop turn
+        self._take_many = self._fence = _not_open  # the registered scripts, once open
+        self._takes: list[tuple[str, list, asyncio.Future]] = []  # take_capacity calls of this loop turn
 
     async def open(self) -> None:
         # Bounded pool that waits (up to `timeout`) for a free connection instead of
@@ -120,12 +135,12 @@ class RedisCoordination:
             await redis.aclose()
             raise
         self._redis = redis
-        self._take = redis.register_script(TAKE_CAPACITY)
+        self._take_many = redis.register_script(TAKE_MANY)
         self._fence = redis.register_script(FENCE)
 
     async def close(self) -> None:
         redis, self._redis = self._redis, None
-        self._take = self._fence = _not_open
+        self._take_many = self._fence = _not_open
         if redis is not None:
             await redis.aclose()
 
@@ -156,31 +171,21 @@ class RedisCoordination:
         future = asyncio.get_running_loop().create_future()
         if not self._takes:
             asyncio.get_running_loop().call_soon(self._send_takes)
-        self._takes.append(([self.key(key)], [holder, limit, _ms(ttl)], future))
+        self._takes.append((self.key(key), [holder, limit, _ms(ttl)], future))
         return bool(await future)
 
     def _send_takes(self) -> None:
         calls, self._takes = self._takes, []
-        task = asyncio.ensure_future(self._run_takes(calls))
-        task.add_done_callback(_fail_on_error(calls))
+        for i in range(0, len(calls), MAX_TAKES):
+            chunk = calls[i:i + MAX_TAKES]
+            task = asyncio.ensure_future(self._run_takes(chunk))
+            task.add_done_callback(_fail_on_error(chunk))
 
-    async def _run_takes(self, calls: list[tuple[list, list, asyncio.Future]]) -> None:
-        if len(calls) == 1:
-            keys, args, future = calls[0]
-            result = await self._take(keys=keys, args=args)
-            if not future.done():
-                future.set_result(result)
-            return
-        async with self.client.pipeline(transaction=False) as pipe:
-            for keys, args, _ in calls:
-                await self._take(keys=keys, args=args, client=pipe)
-            results = await pipe.execute(raise_on_error=False)
+    async def _run_takes(self, calls: list[tuple[str, list, asyncio.Future]]) -> None:
+        results = await self._take_many(keys=[key for key, _, _ in calls],
+                                        args=[arg for _, args, _ in calls for arg in args])
         for (_, _, future), result in zip(calls, results):
-            if future.done():  # its caller gave up (cancelled, timed out)
-                continue
-            if isinstance(result, Exception):
-                future.set_exception(result)
-            else:
+            if not future.done():  # done: its caller gave up (cancelled, timed out)
                 future.set_result(result)
 
     async def release_capacity(self, key: str, holder: str) -> None:
