@@ -74,6 +74,19 @@ async def test_checkpoint_moves_state_and_keeps_history(store):
         ("intake", "created", ""), ("a", "next", ""), ("b", "park", "window full")]
 
 
+async def test_a_checkpoint_carries_the_boundaries_passed_since_the_last_one(store):
+    """Stages with checkpoint = false: their history rows come with the next checkpoint, in order,
+    before its own, also through a compare-and-set."""
+    await store.create([new("N1")])
+    trail = (st.Step("a", "next", "", 101.0), st.Step("b", "skip", "not for it", 102.0))
+    await store.checkpoint([cp("N1", "c", st.QUEUED, "d", at=103.0, trail=trail)])
+    assert await store.checkpoint_if(cp("N1", "d", st.DONE, "@done", at=105.0,
+                                        trail=(st.Step("e", "next", "", 104.0),)), st.QUEUED)
+    assert [(h.stage, h.outcome, h.reason, h.at) for h in await store.history("N1")] == [
+        ("intake", "created", "", 100.0), ("a", "next", "", 101.0), ("b", "skip", "not for it", 102.0),
+        ("c", "next", "", 103.0), ("e", "next", "", 104.0), ("d", "next", "", 105.0)]
+
+
 async def test_active_lists_queued_parked_and_waiting_orders_only(store):
     await store.create([new("N1"), new("N2"), new("N3", state=st.WAIT_PAY), new("N4")])
     await store.checkpoint([cp("N2", "a", st.DONE, "@done"), cp("N4", "a", st.PARKED, "a", wake_at=9.0)])

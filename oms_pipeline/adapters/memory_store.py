@@ -7,7 +7,7 @@ contract, but nothing survives the process. With `checkpoints=False`
 from __future__ import annotations
 
 from ..ports.store import (ACTIVE_STATES, PARKED, QUEUED, REVERSE_CLOSED, WAIT_PAY, Checkpoint, Event, HistoryEntry,
-                           NewOrder, OutboxRow, ReverseRecord, StoredOrder, history_rows, outbox_entries)
+                           NewOrder, OutboxRow, ReverseRecord, StoredOrder, outbox_entries)
 
 
 class MemoryStore:
@@ -85,8 +85,9 @@ class MemoryStore:
             self._orders[r.order_no] = old._replace(state=r.state, stage=r.stage, status=r.status,
                                                     attempts=r.attempts, wake_at=r.wake_at, doc=r.doc,
                                                     updated_at=r.at)
-            for row in history_rows([r]) if self.keep_history else ():
-                self._log(HistoryEntry(*row))
+            for step in r.trail:
+                self._log(HistoryEntry(r.order_no, *step))
+            self._log(HistoryEntry(r.order_no, r.from_stage, r.outcome, r.reason, r.at))
             self._emit(r.events)
             self._queue(outbox_entries(r.order_no, r.at, r.events, r.commands))
             for reverse in r.reverse:

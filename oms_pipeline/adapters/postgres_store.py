@@ -36,7 +36,7 @@ import asyncpg
 
 from .. import sqlfiles
 from ..ports.store import (Checkpoint, Event, HistoryEntry, NewOrder, OutboxRow, ReverseRecord, StoredOrder,
-                           StoreUnavailable, history_rows, outbox_entries)
+                           HistoryRow, StoreUnavailable, history_entries, history_row, history_rows, outbox_entries)
 
 Q = sqlfiles.queries("postgres")
 ACQUIRE_TIMEOUT = 30.0  # never wait forever for a connection (PITFALLS 11)
@@ -269,7 +269,7 @@ class PostgresStore:
         return [StoredOrder(*r) for r in await self._transaction(run)]
 
     async def history(self, order_no: str) -> list[HistoryEntry]:
-        return [HistoryEntry(*r) for r in await self._rows("order_history", order_no)]
+        return history_entries(await self._rows("order_history", order_no))
 
     async def events(self, order_no: str) -> list[Event]:
         return [Event(*r) for r in await self._rows("order_events", order_no)]
@@ -327,7 +327,7 @@ class _Rows:
 
     def __init__(self, holder: str = "") -> None:
         self.holder = holder  # who writes: the owner of what it creates and checkpoints
-        self.history: list[tuple[str, str, str, str, float]] = []
+        self.history: list[HistoryRow] = []
         self.events: list[Event] = []
         self.outbox: list[tuple[str, str, str, bytes, float]] = []
         self.reverse: list[ReverseRecord] = []
@@ -361,7 +361,7 @@ async def _create(conn: asyncpg.Connection, requests: list[_Request], rows: _Row
         request.result = [_created(order, numbers, inserted, seen) for order in request.arg]
     for order in firsts.values():
         if order.order_no in inserted:
-            rows.history.append((order.order_no, "intake", "created", "", order.at))
+            rows.history.append(history_row(order.order_no, "intake", "created", "", order.at))
             rows.events.extend(order.events)
             rows.outbox.extend(outbox_entries(order.order_no, order.at, order.events))
 
@@ -425,7 +425,8 @@ async def _children(conn: asyncpg.Connection, records: list[Checkpoint], rows: _
     inserted = await _insert_orders(conn, "create_children", children, rows)
     for child_no, parent in parents.items():
         if child_no in inserted:
-            rows.history.append((child_no, parent.from_stage, "created", f"child of {parent.order_no}", parent.at))
+            rows.history.append(history_row(child_no, parent.from_stage, "created", f"child of {parent.order_no}",
+                                            parent.at))
 
 
 async def _insert_orders(conn: asyncpg.Connection, query: str, orders: list[NewOrder], rows: _Rows) -> set[str]:

@@ -27,7 +27,7 @@ import orjson
 
 from .. import sqlfiles
 from ..ports.store import (Checkpoint, Event, HistoryEntry, NewOrder, OutboxRow, ReverseRecord, StoredOrder,
-                           history_rows, outbox_entries)
+                           history_entries, history_row, history_rows, outbox_entries)
 
 Q = sqlfiles.queries("sqlite")
 
@@ -194,7 +194,7 @@ class SqliteStore:
         return [StoredOrder(*r) for r in rows]
 
     async def history(self, order_no: str) -> list[HistoryEntry]:
-        return [HistoryEntry(*r) for r in await self._rows(Q["order_history"], order_no)]
+        return history_entries(await self._rows(Q["order_history"], order_no))
 
     async def events(self, order_no: str) -> list[Event]:
         return [Event(*r) for r in await self._rows(Q["order_events"], order_no)]
@@ -243,7 +243,7 @@ def _create(conn: sqlite3.Connection, arg: tuple[list[NewOrder], str]) -> list[t
 
 def _create_one(conn: sqlite3.Connection, order: NewOrder, holder: str) -> tuple[str, bool]:
     if _insert_row(conn, order, holder):
-        conn.execute(Q["history"], (order.order_no, "intake", "created", "", order.at))
+        conn.execute(Q["history"], history_row(order.order_no, "intake", "created", "", order.at))
         conn.executemany(Q["add_event"], order.events)
         conn.executemany(Q["add_outbox"], outbox_entries(order.order_no, order.at, order.events))
         return order.order_no, True
@@ -265,7 +265,8 @@ def _checkpoint(conn: sqlite3.Connection, arg: tuple[list[Checkpoint], str]) -> 
     for r in records:
         for child in r.children:
             if _insert_row(conn, child, holder):
-                conn.execute(Q["history"], (child.order_no, r.from_stage, "created", f"child of {r.order_no}", r.at))
+                conn.execute(Q["history"], history_row(child.order_no, r.from_stage, "created",
+                                                       f"child of {r.order_no}", r.at))
     return rejected
 
 

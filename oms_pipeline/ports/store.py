@@ -244,14 +244,31 @@ class Store(Protocol):
         """Reverse orders not in REVERSE_CLOSED, by number after `after` (resumed at start)."""
 
 
-def history_rows(records: list[Checkpoint]) -> list[tuple[str, str, str, str, float]]:
-    """(order_no, stage, outcome, reason, at) history rows of checkpoints, each one's trail first.
-    Shared by the store adapters so every one keeps the same history."""
-    rows = []
-    for r in records:
-        rows.extend((r.order_no, *step) for step in r.trail)
-        rows.append((r.order_no, r.from_stage, r.outcome, r.reason, r.at))
-    return rows
+HistoryRow = tuple[str, str, str, str, float, "bytes | None"]  # as stored: order_no, stage, outcome, reason, at, trail
+
+
+def history_row(order_no: str, stage: str, outcome: str, reason: str, at: float) -> HistoryRow:
+    """A history row of a boundary with no trail before it."""
+    return order_no, stage, outcome, reason, at, None
+
+
+def history_rows(records: list[Checkpoint]) -> list[HistoryRow]:
+    """One history row per checkpoint, its trail packed in it (a JSON array of [stage, outcome,
+    reason, at]): an order that went through twelve stages without a checkpoint costs the store
+    one row, not twelve. Shared by the store adapters so every one keeps the same history."""
+    return [(r.order_no, r.from_stage, r.outcome, r.reason, r.at,
+             orjson.dumps([tuple(step) for step in r.trail]) if r.trail else None)  # (orjson takes no NamedTuple)
+            for r in records]
+
+
+def history_entries(rows: list[HistoryRow]) -> list[HistoryEntry]:
+    """Stored history rows back as entries, each row's trail before its own entry."""
+    out = []
+    for no, stage, outcome, reason, at, trail in rows:
+        if trail:
+            out.extend(HistoryEntry(no, *step) for step in orjson.loads(trail))
+        out.append(HistoryEntry(no, stage, outcome, reason, at))
+    return out
 
 
 def event_topic(status: str) -> str:

@@ -96,10 +96,10 @@ RETURNING order_no;
 -- name: add_history
 -- ORDER BY the array position: the identity column then keeps an order's
 -- entries in the order they were made.
-INSERT INTO stage_history (order_no, stage, outcome, reason, at)
-SELECT h.order_no, h.stage, h.outcome, h.reason, h.at
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::float8[])
-     WITH ORDINALITY AS h(order_no, stage, outcome, reason, at, position)
+INSERT INTO stage_history (order_no, stage, outcome, reason, at, trail)
+SELECT h.order_no, h.stage, h.outcome, h.reason, h.at, h.trail
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::float8[], $6::bytea[])
+     WITH ORDINALITY AS h(order_no, stage, outcome, reason, at, trail, position)
 ORDER BY h.position;
 
 -- name: add_events
@@ -133,7 +133,7 @@ SELECT order_no, kind, state, stage, status, attempts, wake_at, doc, parent_no, 
 FROM orders WHERE parent_no = $1 ORDER BY order_no;
 
 -- name: order_history
-SELECT order_no, stage, outcome, reason, at FROM stage_history WHERE order_no = $1 ORDER BY id;
+SELECT order_no, stage, outcome, reason, at, trail FROM stage_history WHERE order_no = $1 ORDER BY id;
 
 -- name: counts
 SELECT state, count(*) FROM orders GROUP BY state;

@@ -38,7 +38,7 @@ WHERE order_no IN (SELECT o.order_no FROM orders o LEFT JOIN instances i ON i.ho
 RETURNING order_no, kind, state, stage, status, attempts, wake_at, doc, parent_no, updated_at;
 
 -- name: history
-INSERT INTO stage_history (order_no, stage, outcome, reason, at) VALUES (?, ?, ?, ?, ?);
+INSERT INTO stage_history (order_no, stage, outcome, reason, at, trail) VALUES (?, ?, ?, ?, ?, ?);
 
 -- name: next_block
 INSERT INTO sequences (name, next) VALUES (?, ?)
@@ -66,7 +66,7 @@ SELECT order_no, kind, state, stage, status, attempts, wake_at, doc, parent_no, 
 FROM orders WHERE parent_no = ? ORDER BY order_no;
 
 -- name: order_history
-SELECT order_no, stage, outcome, reason, at FROM stage_history WHERE order_no = ? ORDER BY rowid;
+SELECT order_no, stage, outcome, reason, at, trail FROM stage_history WHERE order_no = ? ORDER BY rowid;
 
 -- name: counts
 SELECT state, count(*) FROM orders GROUP BY state;
