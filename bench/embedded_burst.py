@@ -1,6 +1,6 @@
 """A group-buy burst on the embedded default: N third-party orders at once.
 
-    .venv/bin/python bench/embedded_burst.py --orders 50000
+    .venv/bin/python bench/embedded_burst.py --orders 50000 [--no-checkpoint] [--writer process|loop]
 
 Seed 001: a group-buy closing pushes tens of thousands of third-party orders at
 once; the pipeline must absorb them at its own rate with bounded memory. This
@@ -9,7 +9,8 @@ every stage boundary, in-process timers) with zero-latency simulated
 downstream systems. Orders are generated lazily and fed in batches of 500 (as
 a broker consumer with prefetch delivers them); intake waits whenever the
 first stage's queue is full, so what the process holds is bounded by the
-queues, not by the burst.
+queues, not by the burst. `--no-checkpoint` sets every stage `checkpoint =
+false` (README "Durability"); `--writer` is `store.writer`.
 """
 from __future__ import annotations
 
@@ -33,10 +34,10 @@ BURST = {"kind": "third_party", "source": "platform", "payment_method": "none", 
 
 
 
-async def main(n: int, batch: int, db: str, checkpoint: bool) -> None:
+async def main(n: int, batch: int, db: str, checkpoint: bool, writer: str) -> None:
     url = "memory://" if db == "memory" else f"sqlite:///{db}"
     kinds = {kind: {"pool": pool, "checkpoint": checkpoint} for kind, pool in (("io", 32), ("cpu", 2))}
-    settings = config.from_mapping({"store": {"url": url}, "metrics": {"port": 0},
+    settings = config.from_mapping({"store": {"url": url, "writer": writer}, "metrics": {"port": 0},
                                     "downstream": {"retain_effects": False}, "stage_defaults": kinds,
                                     "routing": {"file": str(ROOT / "config" / "routes.toml")}})
     app = await app_module.build(settings)
@@ -80,6 +81,7 @@ if __name__ == "__main__":
     ap.add_argument("--db", default="")
     ap.add_argument("--no-checkpoint", dest="checkpoint", action="store_false",
                     help="stages checkpoint = false: only rests, ends and status changes are written")
+    ap.add_argument("--writer", choices=("process", "loop"), default="process", help="store.writer")
     args = ap.parse_args()
     db = args.db or str(Path(tempfile.mkdtemp()) / "oms.sqlite3")
-    anyio.run(main, args.orders, args.batch, db, args.checkpoint, backend_options={"use_uvloop": True})
+    anyio.run(main, args.orders, args.batch, db, args.checkpoint, args.writer, backend_options={"use_uvloop": True})

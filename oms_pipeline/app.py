@@ -78,7 +78,7 @@ def _store_for(url: str, settings: Settings) -> Any:
         return MemoryStore()
     if url.startswith("sqlite:///"):
         return SqliteStore(url.removeprefix("sqlite:///"), max_batch=settings.store.checkpoint_max_batch,
-                           synchronous=settings.store.synchronous)
+                           synchronous=settings.store.synchronous, writer=settings.store.writer)
     if url.startswith(("postgresql://", "postgres://")):
         from .adapters.postgres_store import PostgresStore
         return PostgresStore(url, max_batch=settings.store.checkpoint_max_batch)

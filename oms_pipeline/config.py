@@ -80,6 +80,7 @@ class StoreSettings(_Frozen):
     url: str = "sqlite:///var/oms.sqlite3"
     checkpoint_max_batch: Positive = 5000
     synchronous: Literal["normal", "full"] = "normal"  # SQLite only
+    writer: Literal["process", "loop"] = "process"  # SQLite only: where its commits run
     # Several instances on one database: an instance not heard of for this many seconds is
     # presumed dead and its queued orders are taken over (it renews every third of it).
     lease: PositiveFloat = 15.0

@@ -6,11 +6,15 @@ are written in one transaction at the next turn of the loop, and each caller's
 future resolves only after that commit. A thousand stage boundaries cost one
 commit, not a thousand.
 
-SQLite runs on the event-loop thread, deliberately: a commit of a few hundred
-rows is a few milliseconds of CPU (WAL, no fsync per commit with
-synchronous=NORMAL), while a writer thread would have to win the GIL back from
-the busy loop after every row (measured: ~250 rows/s beside a busy Python
-thread, ~150,000 rows/s without one; bench/RESULTS.md).
+Where the writes run (`store.writer`): in a writer process of their own by
+default (adapters/sqlite_writer.py): the loop pickles each batch down a pipe
+and gathers the next one while the writer commits, so SQLite's CPU is spent on
+the second core. With `writer = "loop"` they run on the event-loop thread, as
+one call between two turns of the loop. Never in a thread: a writer thread
+would have to win the GIL back from the busy loop after every row (measured:
+~250 rows/s beside a busy Python thread, ~150,000 rows/s without one;
+bench/RESULTS.md). Reads (indexed look-ups) run on the loop's own connection
+either way; WAL lets them read beside the writer.
 
 With `synchronous=NORMAL` a commit survives the process being killed (the
 crash the pipeline is built for); `full` also survives power loss.
@@ -26,10 +30,15 @@ from typing import Any, Callable
 import orjson
 
 from .. import sqlfiles
+from .sqlite_writer import Writer
 from ..ports.store import (Checkpoint, Event, HistoryEntry, NewOrder, OutboxRow, ReverseRecord, StoredOrder,
                            history_entries, history_row, history_rows, outbox_entries)
 
 Q = sqlfiles.queries("sqlite")
+# Rows the writer process takes per transaction. Smaller than everything pending, on purpose: the
+# stages waiting on the first part of a burst of checkpoints go on while the rest is committed,
+# so the loop and the writer work at the same time instead of taking turns.
+WRITER_ROWS = 500
 
 
 def connect(path: str, synchronous: str = "normal") -> sqlite3.Connection:
@@ -66,23 +75,41 @@ def migrate(conn: sqlite3.Connection) -> list[str]:
     return applied
 
 
-class _Request:
-    __slots__ = ("op", "arg", "future", "result")
+def transaction(conn: sqlite3.Connection, ops: list[tuple[Callable, Any]]) -> list[Any]:
+    """Apply writes in one transaction; their results, or the first error after a rollback."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        results = [op(conn, arg) for op, arg in ops]
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return results
 
-    def __init__(self, op: Callable, arg: Any, future: asyncio.Future) -> None:
-        self.op, self.arg, self.future, self.result = op, arg, future, None
+
+class _Request:
+    __slots__ = ("op", "arg", "future")
+
+    def __init__(self, op: str, arg: Any, future: asyncio.Future) -> None:
+        self.op, self.arg, self.future = op, arg, future
 
 
 class SqliteStore:
     persistent = True
 
-    def __init__(self, path: str, *, max_batch: int = 5000, synchronous: str = "normal") -> None:
+    def __init__(self, path: str, *, max_batch: int = 5000, synchronous: str = "normal",
+                 writer: str = "process") -> None:
+        if writer not in ("process", "loop"):
+            raise ValueError(f"writer must be 'process' or 'loop', not {writer!r}")
         self.path = path
         self.max_batch = max_batch
         self.synchronous = synchronous
         self._conn: sqlite3.Connection | None = None
         self._pending: list[_Request] = []
         self._flush_scheduled = False
+        self._writer = Writer(path, synchronous, self._written) if writer == "process" else None
+        self._in_hand: list[_Request] = []  # the batch the writer process is committing
         self.commits = 0  # transactions committed (group-commit efficiency = requests / commits)
         self.holder, self.lease = "", 30.0
 
@@ -93,9 +120,18 @@ class SqliteStore:
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._conn = connect(self.path, self.synchronous)
         migrate(self._conn)
+        if self._writer is not None:
+            await self._writer.start()
 
     async def close(self) -> None:
-        if self._pending:
+        """Write whatever is pending, then stop the writer and close."""
+        if self._writer is not None:
+            while self._pending or self._writer.busy:
+                if not self._writer.busy:
+                    self._flush()
+                await asyncio.sleep(0.002)
+            await self._writer.stop()
+        elif self._pending:
             self._flush()
         if self._conn is not None:
             self._conn.close()
@@ -104,37 +140,37 @@ class SqliteStore:
     # -- writes: group commit -------------------------------------------------
 
     async def create(self, orders: list[NewOrder]) -> list[tuple[str, bool]]:
-        return await self._write(_create, (orders, self.holder))
+        return await self._write("create", (orders, self.holder))
 
     async def checkpoint(self, records: list[Checkpoint]) -> set[str]:
-        return await self._write(_checkpoint, (records, self.holder))
+        return await self._write("checkpoint", (records, self.holder))
 
     async def next_block(self, name: str, size: int) -> int:
-        return await self._write(_next_block, (name, size))
+        return await self._write("next_block", (name, size))
 
     async def checkpoint_if(self, record: Checkpoint, expect_state: str) -> bool:
-        return await self._write(_checkpoint_if, (record, expect_state, self.holder))
+        return await self._write("checkpoint_if", (record, expect_state, self.holder))
 
     async def claim(self, order_no: str, expect_state: str, now: float) -> bool:
-        return await self._write(_claim_order, (self.holder, order_no, expect_state))
+        return await self._write("claim_order", (self.holder, order_no, expect_state))
 
     async def renew(self, now: float) -> None:
-        await self._write(_renew, (self.holder, now + self.lease))
+        await self._write("renew", (self.holder, now + self.lease))
 
     async def take_over(self, now: float, limit: int = 500) -> list[StoredOrder]:
-        return [StoredOrder(*r) for r in await self._write(_take_over, (self.holder, now, limit))]
+        return [StoredOrder(*r) for r in await self._write("take_over", (self.holder, now, limit))]
 
     async def outbox_claim(self, holder: str, limit: int, lease: float, now: float) -> list[OutboxRow]:
-        rows = await self._write(_claim, (holder, now, now - lease, limit))
+        rows = await self._write("outbox_claim", (holder, now, now - lease, limit))
         return sorted(OutboxRow(*r) for r in rows)
 
     async def outbox_done(self, ids: list[int], now: float) -> None:
-        await self._write(_outbox_done, (ids, now))
+        await self._write("outbox_done", (ids, now))
 
     async def reverse_create(self, record: ReverseRecord) -> tuple[str, bool]:
-        return await self._write(_reverse_create, record)
+        return await self._write("reverse_create", record)
 
-    async def _write(self, op: Callable, arg: Any) -> Any:
+    async def _write(self, op: str, arg: Any) -> Any:
         if self._conn is None:
             raise RuntimeError("the store is not open")
         loop = asyncio.get_running_loop()
@@ -147,22 +183,30 @@ class SqliteStore:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        if self._writer is not None:
+            if self._pending and not self._writer.busy:  # else: sent when the writer answers
+                n = _first_rows(self._pending, WRITER_ROWS)
+                self._in_hand, self._pending = self._pending[:n], self._pending[n:]
+                self._writer.send([(r.op, r.arg) for r in self._in_hand])
+            return
         while self._pending:
             batch, self._pending = self._pending[:self.max_batch], self._pending[self.max_batch:]
-            self._commit(self._conn, batch)
+            try:
+                results = transaction(self._conn, [(OPERATIONS[r.op], r.arg) for r in batch])
+            except BaseException as exc:  # noqa: BLE001 - handed to every waiting caller
+                _settle(batch, None, exc)
+            else:
+                self.commits += 1
+                _settle(batch, results, None)
 
-    def _commit(self, conn: sqlite3.Connection, batch: list[_Request]) -> None:
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            for request in batch:
-                request.result = request.op(conn, request.arg)
-            conn.execute("COMMIT")
+    def _written(self, results: list | None, error: BaseException | None) -> None:
+        """The writer process answered for the batch in hand; the next one goes at once."""
+        batch, self._in_hand = self._in_hand, []
+        if error is None:
             self.commits += 1
-            _settle(batch, None)
-        except BaseException as exc:  # noqa: BLE001 - handed to every waiting caller
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            _settle(batch, exc)
+        _settle(batch, results, error)
+        if self._pending:
+            self._flush()
 
     # -- reads (indexed look-ups: microseconds, on the loop too) --------------
 
@@ -219,12 +263,22 @@ class SqliteStore:
         return [ReverseRecord(*r) for r in await self._rows(Q["reverse_open"], after, limit)]
 
 
-def _settle(requests: list[_Request], error: BaseException | None) -> None:
-    for request in requests:
+def _first_rows(requests: list[_Request], rows: int) -> int:
+    """How many of the requests, from the first, make up about `rows` rows (at least one)."""
+    total = 0
+    for i, request in enumerate(requests):
+        total += len(request.arg[0]) if request.op in ("create", "checkpoint") else 1
+        if total >= rows:
+            return i + 1
+    return len(requests)
+
+
+def _settle(requests: list[_Request], results: list | None, error: BaseException | None) -> None:
+    for i, request in enumerate(requests):
         if request.future.done():
             continue
         if error is None:
-            request.future.set_result(request.result)
+            request.future.set_result(results[i])
         else:
             request.future.set_exception(error)
 
@@ -320,3 +374,10 @@ def _next_block(conn: sqlite3.Connection, arg: tuple[str, int]) -> int:
     name, size = arg
     after = conn.execute(Q["next_block"], (name, size + 1)).fetchone()[0]
     return after - size
+
+
+OPERATIONS: dict[str, Callable] = {  # the writes, by the name a batch names them with
+    "create": _create, "checkpoint": _checkpoint, "next_block": _next_block, "checkpoint_if": _checkpoint_if,
+    "claim_order": _claim_order, "renew": _renew, "take_over": _take_over, "outbox_claim": _claim,
+    "outbox_done": _outbox_done, "reverse_create": _reverse_create,
+}
