@@ -59,7 +59,9 @@ class KindDefaults(_Frozen):
     timeout: PositiveFloat = 10.0
     batch: Positive = 256
     mode: Literal["inline", "process"] = "inline"
-    checkpoint: bool = True
+    # Unset: io stages write every boundary; cpu stages none of their straight hops on (a cpu handler
+    # is a pure function of the order with no downstream effect: after a crash it simply runs again).
+    checkpoint: bool | None = None
 
 
 class StageDefaults(_Frozen):

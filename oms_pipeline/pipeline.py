@@ -92,6 +92,7 @@ def stage_configs(settings: Settings, specs: Mapping[str, StageSpec]) -> dict[st
         kind = getattr(settings.stage_defaults, spec.kind)
         pool, queue, timeout, batch, mode, checkpoint = (
             _own_or(own, kind, key) for key in ("pool", "queue", "timeout", "batch", "mode", "checkpoint"))
+        checkpoint = spec.kind == "io" if checkpoint is None else checkpoint
         retry_policy = own.retry if own and own.retry else settings.stage_defaults.retry
         out[name] = StageConfig(pool, queue, timeout, batch, mode, checkpoint, retry_policy,
                                 {**spec.defaults, **(own.settings if own else {})})

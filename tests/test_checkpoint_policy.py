@@ -55,6 +55,22 @@ async def test_straight_hops_are_not_written_but_the_history_lists_every_stage()
     assert (await store.get(no)).doc  # the end carries the document with every stage's result
 
 
+async def test_by_default_io_stages_write_their_boundaries_and_cpu_stages_do_not():
+    def compute(order, ctx):
+        order.results[ctx.stage] = "computed"
+        return oc.NEXT
+
+    store = CountingStore()
+    specs = [*stages("a"), StageSpec("b", "cpu", compute), *stages("c")]
+    p = build(specs, store=store)
+    async with running(p):
+        await p.submit(make_order(1))
+        await finish(p)
+    no = make_order(1).order_no
+    assert store.written == [(no, "a", st.QUEUED), (no, "c", st.DONE)]
+    assert [h.stage for h in await store.history(no)] == ["intake", "a", "b", "c"]
+
+
 async def test_one_stage_may_keep_its_checkpoint():
     store = CountingStore()
     settings = {"stage_defaults": {"io": {"pool": 4, "checkpoint": False}}, "stages": {"b": {"checkpoint": True}}}

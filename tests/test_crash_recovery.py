@@ -74,8 +74,9 @@ def _quietly(fn, *args) -> None:
         pass  # the daemon was killed under it: the next run resends
 
 
-# Every boundary checkpointed (the default), and only rests, ends and status changes
-# (`checkpoint = false`): a kill then replays several stages per order, each effect keyed.
+# The default (every boundary after an io stage; cpu stages, pure functions, run again), and
+# only rests, ends and status changes (`checkpoint = false` everywhere): a kill then replays
+# several stages per order, each effect keyed.
 NO_CHECKPOINTS = """
 [stage_defaults.io]
 pool = 32
@@ -86,7 +87,7 @@ checkpoint = false
 """
 
 
-@pytest.mark.parametrize("policy", ["", NO_CHECKPOINTS], ids=["every-boundary", "checkpoint-false"])
+@pytest.mark.parametrize("policy", ["", NO_CHECKPOINTS], ids=["default", "checkpoint-false"])
 def test_two_sigkills_lose_nothing_and_apply_every_effect_once(tmp_path, policy):
     effects_path = tmp_path / "effects.sqlite3"
     config, port = write_config(tmp_path, f"""{policy}
