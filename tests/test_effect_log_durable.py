@@ -99,7 +99,7 @@ WRITER = textwrap.dedent("""
             i += 64
 
     async def main():
-        log = EffectLog(sys.argv[1])
+        log = EffectLog(sys.argv[1], retain=sys.argv[2] == "retain")
         await log.open()
         ports = build_simulated_ports(SimSettings(), SystemClock(), log)
         async with anyio.create_task_group() as tg:
@@ -117,10 +117,11 @@ READER = textwrap.dedent("""
 """)
 
 
-def test_every_returned_call_survives_sigkill(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["retain", "in_file"])  # in_file: retain_effects = false, keys in the file only
+def test_every_returned_call_survives_sigkill(tmp_path: Path, mode: str) -> None:
     path = str(tmp_path / "effects.db")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, path], stdout=subprocess.PIPE,
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, path, mode], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     returned = []
     deadline = time.monotonic() + 60

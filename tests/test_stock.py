@@ -312,9 +312,11 @@ async def test_an_order_whose_stock_cannot_be_reserved_is_refused_and_not_create
         await app.aclose()
 
 
-async def test_paid_confirms_timeout_releases_and_no_payment_confirms_at_intake():
+@pytest.mark.parametrize("in_file", [False, True])  # True: effect_log with retain_effects = false
+async def test_paid_confirms_timeout_releases_and_no_payment_confirms_at_intake(tmp_path, in_file):
     clock = VirtualClock(START)
-    app = await app_module.build(app_settings(), clock=clock)
+    downstream = {"effect_log": str(tmp_path / "effects.sqlite3"), "retain_effects": False} if in_file else {}
+    app = await app_module.build(app_settings(downstream=downstream), clock=clock)
     inv = app.pipeline.ports.inventory
     try:
         async with anyio.create_task_group() as tg:
@@ -342,9 +344,11 @@ class Crash(BaseException):
     """The process dies here (nothing after it runs, no cleanup either)."""
 
 
-async def test_a_crash_between_reserve_and_commit_is_repaired_by_the_reconciler_after_the_ttl(tmp_path):
+@pytest.mark.parametrize("retain", [True, False])  # False: the reservations live in the effect log's file
+async def test_a_crash_between_reserve_and_commit_is_repaired_by_the_reconciler_after_the_ttl(tmp_path, retain):
     effects = tmp_path / "effects.sqlite3"
-    settings = app_settings(tmp_path, downstream={"effect_log": str(effects)}, stock={"reconcile_interval": 30.0})
+    settings = app_settings(tmp_path, downstream={"effect_log": str(effects), "retain_effects": retain},
+                            stock={"reconcile_interval": 30.0})
     clock = VirtualClock(START)
     app = await app_module.build(settings, clock=clock)
 

@@ -2,6 +2,9 @@
 
 * `settings`: `SimSettings`, from the config's `[downstream]` table;
 * `effects`: `EffectLog`, every applied effect with its idempotency key;
+* `effect_file`: the log's SQLite file format, and reading it from outside;
+* `state_file`: that file on the event-loop thread, when nothing per key stays in memory;
+* `reservations`: where the inventory keeps its reservations (memory or that file);
 * `systems`: one simulated class per port, built by `build_simulated_ports`.
 """
 from .effects import Effect, EffectLog, read_duplicates, read_effects

@@ -1,8 +1,16 @@
 """The effect log: every effect a simulated system applied, with its idempotency key.
 
-A repeated key returns the first result and only counts a duplicate. In
-memory by default; durable in a SQLite file so the crash tests can check,
-after a SIGKILL, that each (order, stage) effect was applied exactly once.
+A repeated key returns the first result and only counts a duplicate. Three modes:
+
+* in memory (the default): keys and results in a dict, every effect too unless
+  `retain = False`;
+* durable and retaining (`EffectLog(path)`): as in memory, and every effect
+  written to a SQLite file by a writer thread, so the crash tests can check,
+  after a SIGKILL, that each (order, stage) effect was applied exactly once,
+  and a restart rebuilds the systems' state from the file;
+* in the file (`EffectLog(path, retain=False)`): nothing per key in memory;
+  keys are looked up in and written to the file on the event-loop thread
+  (state_file.py), where the inventory also keeps its reservations.
 """
 from __future__ import annotations
 
@@ -13,10 +21,15 @@ import threading
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import anyio
 import msgspec
+
+from .effect_file import RESERVATIONS_KEPT, SCHEMA, connect, read_duplicates, read_effects
+from .state_file import StateFile
+
+__all__ = ["Effect", "EffectLog", "read_duplicates", "read_effects"]
 
 T = TypeVar("T")
 
@@ -39,34 +52,44 @@ class _Restored:
 
 _MISSING = object()
 
-_SCHEMA = (
-    # One idempotency key may reach several systems/operations (a reservation
-    # key is reserved, then confirmed or released), so the key alone is not unique.
-    "CREATE TABLE IF NOT EXISTS effects (key TEXT NOT NULL, system TEXT NOT NULL, op TEXT NOT NULL,"
-    " result TEXT NOT NULL, at REAL NOT NULL, payload TEXT NOT NULL, PRIMARY KEY (key, system, op))",
-    "CREATE TABLE IF NOT EXISTS duplicates (system TEXT PRIMARY KEY, count INTEGER NOT NULL)",
-)
+
+class _InFile:
+    """The de-duplication table when it lives in the state file: keys looked up there, nothing kept."""
+
+    __slots__ = ("_file",)
+
+    def __init__(self, file: StateFile) -> None:
+        self._file = file
+
+    def get(self, ident: tuple[str, str, str], default: Any) -> Any:
+        found = self._file.find(*ident)
+        return default if found is None else _Restored(msgspec.json.decode(found))
+
+    def __setitem__(self, ident: tuple[str, str, str], result: Any) -> None:
+        pass  # the effect's row, written with its commit, is the record
 
 
 class EffectLog:
     """Every applied effect, at most once per (key, system, op).
 
     `EffectLog()` keeps it in memory; `EffectLog(path)` also writes it to a
-    SQLite file (call `open()` first, `close()` at the end) and returns from an
-    effect only once its row is committed.
+    SQLite file, `EffectLog(path, retain=False)` keeps it in that file alone
+    (call `open()` first, `close()` at the end); both return from an effect
+    only once its row is committed.
     """
 
     def __init__(self, path: str | None = None, *, max_batch: int = 5000, retain: bool = True) -> None:
-        if path and not retain:
-            raise ValueError("a durable effect log retains its effects (it rebuilds state from them)")
         self.path = path
-        self.retain = retain  # False: only keys and results stay in memory, payloads do not
+        # False: payloads do not stay in memory; with a path, keys and results do not either.
+        self.retain = retain
         self.counts: dict[str, int] = {}  # effects applied, per system
         self.duplicates: dict[str, int] = {}  # per system
-        self._results: dict[tuple[str, str, str], Any] = {}
         self._effects: list[Effect] = []
-        self._writer = _Writer(path, max_batch) if path else None
-        self._pending: dict[tuple[str, str, str], asyncio.Future] = {}
+        # The state file (keys, results, the inventory's reservations) when nothing per key is kept here.
+        self.file = StateFile(path, self._fail) if path and not retain else None
+        self._results: dict[tuple[str, str, str], Any] | _InFile = _InFile(self.file) if self.file else {}
+        self._writer = self.file or (_Writer(path, max_batch) if path else None)
+        self._pending: dict[tuple[str, str, str], asyncio.Future] = {}  # rows not committed yet
         self._failed: BaseException | None = None
 
     @property
@@ -86,6 +109,12 @@ class EffectLog:
         """Start the writer and load what an earlier run stored (a no-op in memory)."""
         if self._writer is None or self._writer.running:
             return
+        if self.file is not None:
+            self.file.start()  # on the loop thread, where it is used (see state_file.py)
+            counts, duplicates = self.file.totals()
+            self.counts.update(counts)
+            self.duplicates.update(duplicates)
+            return
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         rows, duplicates = await anyio.to_thread.run_sync(self._writer.start)
         for key, system, op, result, at, payload in rows:
@@ -95,7 +124,9 @@ class EffectLog:
         self.duplicates.update(duplicates)
 
     async def close(self) -> None:
-        if self._writer is not None and self._writer.running:
+        if self.file is not None:
+            self.file.stop()
+        elif self._writer is not None and self._writer.running:
             await anyio.to_thread.run_sync(self._writer.stop)
 
     async def __aenter__(self) -> "EffectLog":
@@ -142,7 +173,11 @@ class EffectLog:
         return found
 
     async def _persist(self, ident: tuple[str, str, str], row: Effect) -> None:
-        future = self._writer.submit(row)
+        try:
+            future = self._writer.submit(row)
+        except BaseException as exc:
+            self._fail(exc)  # applied but not stored
+            raise
         self._pending[ident] = future
         future.add_done_callback(lambda f: self._settled(ident, f))
         # Shielded: a cancelled caller must not cancel the commit other callers share.
@@ -151,8 +186,11 @@ class EffectLog:
     def _settled(self, ident: tuple[str, str, str], future: asyncio.Future) -> None:
         self._pending.pop(ident, None)
         if not future.cancelled() and future.exception() is not None:
-            # The effect is applied in memory but not stored: nothing after it can be trusted.
-            self._failed = future.exception()
+            self._fail(future.exception())
+
+    def _fail(self, exc: BaseException) -> None:
+        # The effect is applied in memory but not stored: nothing after it can be trusted.
+        self._failed = self._failed or exc
 
     def _keep(self, effect: Effect) -> None:
         self.counts[effect.system] = self.counts.get(effect.system, 0) + 1
@@ -164,18 +202,20 @@ class EffectLog:
             raise RuntimeError("this effect log does not retain effects (retain_effects = false)")
         return [e for e in self._effects if system is None or e.system == system]
 
+    def stored(self) -> Iterable[Effect]:
+        """Every effect applied so far, oldest first, to rebuild the systems' state from: the
+        retained ones, or read from the state file one at a time (none without either)."""
+        return self._effects if self.file is None else self._read_file()
+
+    def _read_file(self) -> Iterator[Effect]:
+        for key, system, op, result, at, payload in self.file.rows(
+                "SELECT key, system, op, result, at, payload FROM effects ORDER BY rowid"):
+            yield Effect(key, system, op, msgspec.json.decode(payload), msgspec.json.decode(result), at)
+
     def count(self, system: str | None = None) -> int:
         if system is None:
             return sum(self.counts.values())
         return self.counts.get(system, 0)
-
-
-def _connect(path: str) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")  # in WAL mode a commit survives a process kill
-    conn.execute("PRAGMA busy_timeout=30000")
-    return conn
 
 
 class _Writer:
@@ -197,9 +237,12 @@ class _Writer:
         return self._thread is not None
 
     def start(self) -> tuple[list[tuple], dict[str, int]]:
-        conn = _connect(self.path)
-        for statement in _SCHEMA:
+        conn = connect(self.path)
+        for statement in SCHEMA:
             conn.execute(statement)
+        # This log keeps reservations in memory, not in the state file's open table: mark that
+        # table stale for a later run in the file mode (reservations.py rebuilds it).
+        conn.execute("DELETE FROM meta WHERE name = ?", (RESERVATIONS_KEPT,))
         rows = conn.execute("SELECT key, system, op, result, at, payload FROM effects ORDER BY rowid").fetchall()
         duplicates = dict(conn.execute("SELECT system, count FROM duplicates").fetchall())
         self._thread = threading.Thread(target=self._loop, args=(conn,), name="effect-log-write", daemon=True)
@@ -281,27 +324,4 @@ def _settle(futures: list[asyncio.Future], error: BaseException | None) -> None:
             future.set_result(None)
         else:
             future.set_exception(error)
-
-
-def read_effects(path: str) -> list[tuple[str, str, str, Any, float]]:
-    """(key, system, op, result, at) of every stored effect, in commit order.
-
-    Usable from any process, also after the writer was killed: WAL recovery
-    makes every committed transaction visible.
-    """
-    conn = _connect(path)
-    try:
-        rows = conn.execute("SELECT key, system, op, result, at FROM effects ORDER BY rowid").fetchall()
-    finally:
-        conn.close()
-    return [(key, system, op, msgspec.json.decode(result), at) for key, system, op, result, at in rows]
-
-
-def read_duplicates(path: str) -> dict[str, int]:
-    """Duplicate calls per system stored in a durable log file."""
-    conn = _connect(path)
-    try:
-        return dict(conn.execute("SELECT system, count FROM duplicates").fetchall())
-    finally:
-        conn.close()
 

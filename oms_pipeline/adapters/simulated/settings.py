@@ -97,7 +97,9 @@ class SimSettings(_Frozen):
     risk: RiskSim = RiskSim()
     product: ProductSim = ProductSim()
     effect_log: str = ""  # SQLite file for a durable EffectLog; "" keeps the log in memory
-    retain_effects: bool = True  # keep every effect's payload in memory (off for long benchmarks)
+    # Keep every effect's payload in memory. Off with `effect_log`: nothing per key in memory at
+    # all, keys, results and reservations live in the file (state_file.py): for long runs.
+    retain_effects: bool = True
 
     def __post_init__(self) -> None:
         for table in ("latency", "failure_rate"):

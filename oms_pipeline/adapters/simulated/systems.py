@@ -1,7 +1,9 @@
 """One simulated class per downstream port, built by `build_simulated_ports`.
 
 Their state (stock, dispatched orders, id counters) is rebuilt from the effect
-log, so after a restart on a durable log they still answer truthfully.
+log, so after a restart on a durable log they still answer truthfully. With the
+log in its file (`retain_effects = false`) the inventory's reservations stay in
+that file (reservations.py) and only its stock levels are rebuilt.
 Failures and latencies are drawn from a hash of (seed, system, operation, key
 or arguments, attempt number since the last success), so the same calls fail
 and wait the same way in any interleaving. A failure is decided before the
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 import anyio
@@ -23,6 +24,7 @@ from ...order import ZONES
 from ...outcome import PermanentError, TransientError
 from ...ports.downstream import CHANNELS, Occupation, Ports, Reservation, StockLevel
 from .effects import Effect, EffectLog, T
+from .reservations import RESERVED, FileReservations, MemoryReservations, Record
 from .settings import SimSettings
 
 
@@ -461,28 +463,22 @@ class SimInvoice:
         self._ids.restore(effect.result)
 
 
-@dataclass(slots=True)
-class _Reservation:
-    sku: str
-    warehouse: str
-    qty: int
-    state: str  # reserved | sold | released | refused
-    created_at: float = 0.0
-
-
 class SimInventory:
     """sellable/reserved/sold per (sku, warehouse); their sum never changes.
 
-    Open reservations (reserved, neither confirmed nor released) are also kept by
-    key with their creation time, for the OMS's reconciler (`open_reservations`).
+    Reservations are kept by key with their creation time (in memory, or in the
+    effect log's file), the open ones for the OMS's reconciler (`open_reservations`).
+    The levels are per place, as many as the catalogue has: they stay in memory.
     """
 
     def __init__(self, channel: _Channel, settings: SimSettings) -> None:
         self._ch = channel
         self._settings = settings.inventory
         self._levels: dict[tuple[str, str], list[int]] = {}  # [sellable, reserved, sold]
-        self._reservations: dict[str, _Reservation] = {}
-        self._open: dict[str, _Reservation] = {}  # the reserved ones
+        file = channel.effects.file
+        self._reservations = FileReservations(file) if file is not None else MemoryReservations()
+        if self._reservations.in_file:
+            self._restore_levels()
 
     def level(self, sku: str, warehouse: str) -> StockLevel:
         return StockLevel(*self._level(sku, warehouse))
@@ -501,9 +497,8 @@ class SimInventory:
     async def open_reservations(self, created_before: float, limit: int = 500,
                                 after: str = "") -> list[Reservation]:
         await self._ch.arrive("open_reservations", (created_before, after))
-        keys = sorted(k for k, r in self._open.items() if k > after and r.created_at <= created_before)
-        return [Reservation(k, self._open[k].sku, self._open[k].warehouse, self._open[k].qty,
-                            self._open[k].created_at) for k in keys[:limit]]
+        return [Reservation(k, r.sku, r.warehouse, r.qty, r.created_at)
+                for k, r in self._reservations.open_page(created_before, limit, after)]
 
     async def reserve(self, key: str, sku: str, warehouse: str, qty: int) -> bool:
         payload = {"sku": sku, "warehouse": warehouse, "qty": qty}
@@ -529,40 +524,36 @@ class SimInventory:
     def _reserve(self, key: str, sku: str, warehouse: str, qty: int, at: float,
                  granted: bool | None = None) -> bool:
         _require(qty > 0, f"inventory: reservation {key} must be for a positive qty, got {qty}")
-        if key in self._reservations:  # released before it was made: stays unreserved
+        if self._reservations.get(key) is not None:  # released before it was made: stays unreserved
             return False
         level = self._level(sku, warehouse)
         ok = level[0] >= qty if granted is None else granted
         if ok:
             level[0] -= qty
             level[1] += qty
-        r = self._reservations[key] = _Reservation(sku, warehouse, qty, "reserved" if ok else "refused", at)
-        if ok:
-            self._open[key] = r
+        self._reservations.add(key, Record(sku, warehouse, qty, RESERVED if ok else "refused", at))
         return ok
 
     def _confirm(self, key: str) -> None:
         r = self._reservations.get(key)
         _require(r is not None, f"inventory: no reservation under key {key}")
-        _require(r.state == "reserved", f"inventory: reservation {key} is {r.state}, it cannot be confirmed")
+        _require(r.state == RESERVED, f"inventory: reservation {key} is {r.state}, it cannot be confirmed")
         level = self._level(r.sku, r.warehouse)
         level[1] -= r.qty
         level[2] += r.qty
-        r.state = "sold"
-        self._open.pop(key, None)
+        self._reservations.settle(key, r, "sold")
 
     def _release(self, key: str) -> None:
         r = self._reservations.get(key)
         if r is None:
-            self._reservations[key] = _Reservation("", "", 0, "released")  # tombstone
+            self._reservations.add(key, Record("", "", 0, "released"))  # tombstone
             return
         _require(r.state != "sold", f"inventory: reservation {key} is sold; releasing it is a return")
-        if r.state == "reserved":
+        if r.state == RESERVED:
             level = self._level(r.sku, r.warehouse)
             level[1] -= r.qty
             level[0] += r.qty
-        r.state = "released"
-        self._open.pop(key, None)
+        self._reservations.settle(key, r, "released")
 
     def _restock(self, key: str, sku: str, warehouse: str, qty: int) -> None:
         _require(qty > 0, f"inventory: restock {key} must be for a positive qty, got {qty}")
@@ -571,8 +562,18 @@ class SimInventory:
         level[2] -= qty
         level[0] += qty
 
+    def _restore_levels(self) -> None:
+        """Levels after a restart with the reservations in the file: what they hold now (restocks
+        are replayed on top, `replay`)."""
+        for sku, warehouse, state, units in self._reservations.held():
+            level = self._level(sku, warehouse)
+            level[0] -= units
+            level[1 if state == RESERVED else 2] += units
+
     def replay(self, effect: Effect) -> None:
         key, p = effect.key, effect.payload
+        if self._reservations.in_file and effect.op != "restock":
+            return  # the reservation's state is in the file, its units in the levels already
         if effect.op == "reserve":
             self._reserve(key, p["sku"], p["warehouse"], p["qty"], effect.at, granted=bool(effect.result))
         elif effect.op == "confirm":
@@ -595,6 +596,6 @@ def build_simulated_ports(settings: SimSettings, clock: Any, effects: EffectLog)
     if not effects.is_open:
         raise RuntimeError(f"effect log {effects.path} is not open: await open() before building ports")
     systems = {name: cls(_Channel(name, settings, clock, effects), settings) for name, cls in _CLASSES.items()}
-    for effect in effects.applied() if effects.retain else ():
+    for effect in effects.stored():
         systems[effect.system].replay(effect)
     return Ports(**systems)
