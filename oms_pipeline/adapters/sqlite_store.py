@@ -24,13 +24,14 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
 import orjson
 
 from .. import sqlfiles
-from .sqlite_writer import Writer
+from .sqlite_writer import REGIONS, Writer
 from ..ports.store import (Checkpoint, Event, HistoryEntry, NewOrder, OutboxRow, ReverseRecord, StoredOrder,
                            history_entries, history_row, history_rows, outbox_entries)
 
@@ -39,6 +40,9 @@ Q = sqlfiles.queries("sqlite")
 # stages waiting on the first part of a burst of checkpoints go on while the rest is committed,
 # so the loop and the writer work at the same time instead of taking turns.
 WRITER_ROWS = 500
+# Batches handed to the writer at once (at most sqlite_writer.REGIONS): it starts the next as soon
+# as one commits, without waiting for the loop to send it.
+WRITER_DEPTH = min(2, REGIONS)
 
 
 def connect(path: str, synchronous: str = "normal") -> sqlite3.Connection:
@@ -109,7 +113,7 @@ class SqliteStore:
         self._pending: list[_Request] = []
         self._flush_scheduled = False
         self._writer = Writer(path, synchronous, self._written) if writer == "process" else None
-        self._in_hand: list[_Request] = []  # the batch the writer process is committing
+        self._in_hand: deque[list[_Request]] = deque()  # batches the writer process has, oldest first
         self.commits = 0  # transactions committed (group-commit efficiency = requests / commits)
         self.holder, self.lease = "", 30.0
 
@@ -126,9 +130,8 @@ class SqliteStore:
     async def close(self) -> None:
         """Write whatever is pending, then stop the writer and close."""
         if self._writer is not None:
-            while self._pending or self._writer.busy:
-                if not self._writer.busy:
-                    self._flush()
+            while self._pending or self._writer.in_flight:
+                self._flush()
                 await asyncio.sleep(0.002)
             await self._writer.stop()
         elif self._pending:
@@ -184,10 +187,11 @@ class SqliteStore:
     def _flush(self) -> None:
         self._flush_scheduled = False
         if self._writer is not None:
-            if self._pending and not self._writer.busy:  # else: sent when the writer answers
+            while self._pending and self._writer.in_flight < WRITER_DEPTH:  # else: when the writer answers
                 n = _first_rows(self._pending, WRITER_ROWS)
-                self._in_hand, self._pending = self._pending[:n], self._pending[n:]
-                self._writer.send([(r.op, r.arg) for r in self._in_hand])
+                batch, self._pending = self._pending[:n], self._pending[n:]
+                self._in_hand.append(batch)
+                self._writer.send([(r.op, r.arg) for r in batch])
             return
         while self._pending:
             batch, self._pending = self._pending[:self.max_batch], self._pending[self.max_batch:]
@@ -201,7 +205,7 @@ class SqliteStore:
 
     def _written(self, results: list | None, error: BaseException | None) -> None:
         """The writer process answered for the batch in hand; the next one goes at once."""
-        batch, self._in_hand = self._in_hand, []
+        batch = self._in_hand.popleft()
         if error is None:
             self.commits += 1
         _settle(batch, results, error)

@@ -37,17 +37,21 @@ from typing import Any, Callable
 from ..ports.store import StoreUnavailable
 
 Batch = list[tuple[str, Any]]  # (operation name, argument)
-_HEADER = struct.Struct("!Q")  # each message: its length, then the pickled value
+_HEADER = struct.Struct("!Q")  # a reply: its length, then the pickled value
+_BATCH = struct.Struct("!QQ")  # a batch: where in the memory file it starts, and its length
+REGIONS = 4  # batches that may be in flight at once (the store sends fewer)
 
 
 class Writer:
-    """The parent's side: one batch in flight at a time; `on_reply` gets (results, error)."""
+    """The parent's side: batches in flight in the order sent; `on_reply` gets (results, error)
+    for each, in that order."""
 
     def __init__(self, path: str, synchronous: str, on_reply: Callable[[list | None, BaseException | None], None]) -> None:
         self.path = path
         self.synchronous = synchronous
         self.on_reply = on_reply
-        self.busy = False
+        self.in_flight = 0  # batches sent and not answered yet
+        self._sent = 0  # batches sent so far: each goes to its own region of the memory file
         self._process: subprocess.Popen | None = None
         self._stream: asyncio.StreamWriter | None = None
         self._reading: asyncio.Task | None = None
@@ -73,13 +77,20 @@ class Writer:
         self._reading = asyncio.ensure_future(self._read(reader))
 
     def send(self, batch: Batch) -> None:
-        self.busy = True
+        self.in_flight += 1
         if self._stream is None:  # the last one died: a new writer first
             asyncio.ensure_future(self._restart(batch))
             return
+        self._send(batch)
+
+    def _send(self, batch: Batch) -> None:
         data = pickle.dumps(batch, pickle.HIGHEST_PROTOCOL)
-        os.pwrite(self._memory, data, 0)
-        self._stream.write(_HEADER.pack(len(data)))
+        # Regions 4 GiB apart (the file is sparse: only written pages take memory), one per batch that
+        # may be in flight at once, so a batch is never overwritten before the writer has read it.
+        start = (self._sent % REGIONS) << 32
+        self._sent += 1
+        os.pwrite(self._memory, data, start)
+        self._stream.write(_BATCH.pack(start, len(data)))
 
     async def stop(self, timeout: float = 10.0) -> None:
         process, stream, reading = self._process, self._stream, self._reading
@@ -103,17 +114,16 @@ class Writer:
             await self.stop()
             await self.start()
         except Exception as exc:  # noqa: BLE001 - the callers see the store as away, and retry
-            self.busy = False
-            self.on_reply(None, StoreUnavailable(f"the SQLite writer process could not start: {exc!r}"))
+            self._fail_all(StoreUnavailable(f"the SQLite writer process could not start: {exc!r}"))
             return
-        self.send(batch)
+        self._send(batch)
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         try:
             while True:
                 size, = _HEADER.unpack(await reader.readexactly(_HEADER.size))
                 ok, value = pickle.loads(await reader.readexactly(size))
-                self.busy = False
+                self.in_flight -= 1
                 self.on_reply(value, None) if ok else self.on_reply(None, value)
         except (OSError, asyncio.IncompleteReadError) as exc:
             self._lost(exc)
@@ -123,9 +133,12 @@ class Writer:
         stream, self._stream, self._process, self._reading = self._stream, None, None, None
         if stream is not None:
             stream.close()
-        if self.busy:
-            self.busy = False
-            self.on_reply(None, StoreUnavailable(f"the SQLite writer process stopped: {exc!r}"))
+        self._fail_all(StoreUnavailable(f"the SQLite writer process stopped: {exc!r}"))
+
+    def _fail_all(self, error: BaseException) -> None:
+        while self.in_flight:
+            self.in_flight -= 1
+            self.on_reply(None, error)
 
 
 def serve(path: str, synchronous: str, sock: socket.socket, memory: int) -> None:
@@ -136,11 +149,11 @@ def serve(path: str, synchronous: str, sock: socket.socket, memory: int) -> None
     conn = connect(path, synchronous)
     stream = sock.makefile("rwb")
     try:
-        while header := stream.read(_HEADER.size):
-            if len(header) < _HEADER.size:
+        while header := stream.read(_BATCH.size):
+            if len(header) < _BATCH.size:
                 return  # the parent is gone
-            size, = _HEADER.unpack(header)
-            batch = pickle.loads(_read_at(memory, size))
+            start, size = _BATCH.unpack(header)
+            batch = pickle.loads(_read_at(memory, start, size))
             try:
                 reply = (True, transaction(conn, [(OPERATIONS[op], arg) for op, arg in batch]))
             except Exception as exc:  # noqa: BLE001 - handed to every caller of the batch
@@ -155,10 +168,10 @@ def serve(path: str, synchronous: str, sock: socket.socket, memory: int) -> None
         conn.close()
 
 
-def _read_at(fd: int, size: int) -> bytes:
+def _read_at(fd: int, start: int, size: int) -> bytes:
     parts, got = [], 0
     while got < size:
-        part = os.pread(fd, size - got, got)
+        part = os.pread(fd, size - got, start + got)
         if not part:
             raise EOFError("the batch in the memory file is shorter than announced")
         parts.append(part)
