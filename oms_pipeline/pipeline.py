@@ -617,7 +617,9 @@ class Pipeline:
 
     async def _settle_family(self, family: Family) -> None:
         """Every child of a parent split here has ended, each seen ending here: the parent's end
-        needs no read of the store, only its checkpoint."""
+        needs no read of the store, only its checkpoint. The document written is the one this
+        instance split: while SPLIT nothing changes a parent's document (a cancel goes to its
+        children; the reverse order it leaves on the parent is a record of its own)."""
         await self._close_parent(family.parent, routing.DONE if family.dispatched else routing.CANCELLED)
 
     async def _close_parent(self, parent: Job, end: str) -> None:
