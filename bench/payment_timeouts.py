@@ -1,6 +1,6 @@
 """Pay deadlines cancelling orders on the production backends, nobody paying.
 
-    .venv/bin/python bench/payment_timeouts.py --orders 200000 --rate 2500 --deadline 90
+    .venv/bin/python bench/payment_timeouts.py --orders 200000 --rate 1000 --deadline 200
 
 The daemon's App (oms_pipeline.app.build) runs in this process on PostgreSQL (a
 fresh database, dropped afterwards), RabbitMQ (timers and outbox under a fresh
@@ -14,12 +14,19 @@ Nobody pays, so each timer fires and the pipeline's `expire_payment` cancels
 its order (a compare-and-set on the store, the stock release and the events
 written to the outbox, then relayed).
 
+The simulated downstream systems run in this process too. `--downstream-state
+file` (the default) keeps their per-order state out of it, as an operator
+would for a long run: `downstream.effect_log` in a fresh temporary directory
+(deleted afterwards) with `retain_effects = false`, so the effect log's keys
+and results and the inventory's reservations live in that SQLite file.
+`--downstream-state memory` keeps them in dicts (the embedded default, with
+`retain_effects = false`): the process then grows with every order.
+
 Reported: the create rate; the timers pending on the broker at the peak; the
 process RSS before the first create, at the peak and at the end; the cancel
 lag, from each order's deadline to its cancel committed (the pipeline's end
-listener), p50 / p99 / max. The process also holds the simulated inventory
-(every reservation) and the simulated systems: what grows with the orders is
-theirs, not the timers' (bench/rabbitmq_timers.py measures the adapter alone).
+listener), p50 / p99 / max; in file mode the file's size and its commits
+(bench/rabbitmq_timers.py measures the timers adapter alone).
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ import argparse
 import array
 import secrets
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -107,26 +115,45 @@ def percentile(ordered, q: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
 
 
+def downstream(args: argparse.Namespace, folder: str) -> dict[str, Any]:
+    """The `[downstream]` table: per-order state in a SQLite file in `folder`, or in memory."""
+    table: dict[str, Any] = {"seed": args.seed, "retain_effects": False}
+    if args.downstream_state == "file":
+        table["effect_log"] = str(Path(folder) / "downstream.sqlite3")
+    return table
+
+
 async def run(args: argparse.Namespace) -> None:
     db_name, prefix = f"oms_bench_{secrets.token_hex(4)}", f"oms-bench-{secrets.token_hex(4)}"
     await admin(f"CREATE DATABASE {db_name}")
     try:
         await migrate(f"{PG}/{db_name}")
-        settings = config.from_mapping({
-            "store": {"url": f"{PG}/{db_name}"}, "metrics": {"port": 0},
-            "routing": {"file": str(ROOT / "config" / "routes.toml")},
-            "payment": {"timeout": args.deadline},
-            "broker": {"url": AMQP, "prefix": prefix},
-            "coordination": {"url": REDIS, "prefix": f"{prefix}:"},
-            "downstream": {"seed": args.seed, "retain_effects": False},
-        })
-        app = await app_module.build(settings)
-        try:
-            await measure(app, args)
-        finally:
-            await app.aclose()
+        with tempfile.TemporaryDirectory(prefix="oms-bench-") as folder:
+            settings = config.from_mapping({
+                "store": {"url": f"{PG}/{db_name}"}, "metrics": {"port": 0},
+                "routing": {"file": str(ROOT / "config" / "routes.toml")},
+                "payment": {"timeout": args.deadline},
+                "broker": {"url": AMQP, "prefix": prefix},
+                "coordination": {"url": REDIS, "prefix": f"{prefix}:"},
+                "downstream": downstream(args, folder),
+            })
+            app = await app_module.build(settings)
+            try:
+                await measure(app, args)
+            finally:
+                await app.aclose()
+            report_file(app)
     finally:
         await cleanup(db_name, prefix)
+
+
+def report_file(app: Any) -> None:
+    if app.effects.file is None:
+        return
+    path = Path(app.effects.path)
+    size = sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))  # with its -wal and -shm
+    print(f"downstream state file: {size / 2 ** 20:.0f} MB, {app.effects.commits:,} commits, "
+          f"{app.effects.count():,} effects")
 
 
 async def measure(app: Any, args: argparse.Namespace) -> None:
@@ -144,7 +171,8 @@ async def measure(app: Any, args: argparse.Namespace) -> None:
         rss_end = rss_mb()
         tg.cancel_scope.cancel()
     lags = sorted(cancels.lags[i] for i in range(min(cancels.count, len(cancels.lags))))
-    print(f"orders={args.orders} deadline={args.deadline:g}s tiers={app.pipeline.timers.topology.tiers}")
+    print(f"orders={args.orders} deadline={args.deadline:g}s tiers={app.pipeline.timers.topology.tiers} "
+          f"downstream state: {args.downstream_state}")
     print(f"created {created:,} in {seconds:.1f}s = {created / seconds:,.0f}/s; pending timers on the broker "
           f"after the last create: {pending:,} (cancelled by then: {cancelled_at_peak:,})")
     print(f"rss: before {rss_before:.1f} MB, at the peak {rss_peak:.1f} MB, at the end {rss_end:.1f} MB")
@@ -162,4 +190,6 @@ if __name__ == "__main__":
     ap.add_argument("--deadline", type=float, default=90.0, help="payment.timeout, seconds")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--timeout", type=float, default=300.0, help="give up this long after the last deadline")
+    ap.add_argument("--downstream-state", choices=("file", "memory"), default="file",
+                    help="where the simulated systems keep their per-order state (see the docstring)")
     anyio.run(run, ap.parse_args(), backend_options={"use_uvloop": True})
