@@ -15,7 +15,7 @@ Why on the loop thread and not on a writer thread like the retaining log's: a
 look-up must see what was written but not yet committed, which one connection
 inside its open transaction does without a second copy in memory; and a writer
 thread beside a busy loop must win the GIL back after every row (bench/RESULTS.md,
-"Why SQLite runs on the event-loop thread"). An indexed look-up or a one-row
+"Where SQLite's commits run"). An indexed look-up or a one-row
 write is a few microseconds.
 """
 from __future__ import annotations
