@@ -7,8 +7,8 @@ future resolves only after that commit. A thousand stage boundaries cost one
 commit, not a thousand.
 
 Where the writes run (`store.writer`): in a writer process of their own by
-default (adapters/sqlite_writer.py): the loop pickles each batch down a pipe
-and gathers the next one while the writer commits, so SQLite's CPU is spent on
+default (adapters/sqlite_writer.py): the loop pickles each batch into a
+memory file the writer reads and gathers the next one while the writer commits, so SQLite's CPU is spent on
 the second core. With `writer = "loop"` they run on the event-loop thread, as
 one call between two turns of the loop. Never in a thread: a writer thread
 would have to win the GIL back from the busy loop after every row (measured:

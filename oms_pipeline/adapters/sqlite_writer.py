@@ -5,7 +5,7 @@ A commit of a few thousand checkpoint rows is milliseconds of CPU inside SQLite
 stages for one core; in a thread it is starved of the GIL (sqlite3 releases
 and retakes it at every step, bench/RESULTS.md). A process of its own runs it
 beside the loop instead: the loop pickles a batch of writes (a few
-microseconds a row) down a pipe, the writer applies them in one transaction
+microseconds a row) and hands it over, the writer applies them in one transaction
 and answers with their results, and meanwhile the loop works on and gathers
 the next batch. A batch is hundreds of kilobytes of order documents: it goes
 through a memory file both processes hold (memfd), one copy each way that
@@ -56,6 +56,7 @@ class Writer:
         self._stream: asyncio.StreamWriter | None = None
         self._reading: asyncio.Task | None = None
         self._memory = -1  # the memfd batches travel through
+        self._waiting: list[Batch] | None = None  # batches held while a new writer starts
 
     async def start(self) -> None:
         # A plain child interpreter (spawned, never forked from the running loop: PITFALLS #1), which
@@ -78,10 +79,13 @@ class Writer:
 
     def send(self, batch: Batch) -> None:
         self.in_flight += 1
-        if self._stream is None:  # the last one died: a new writer first
-            asyncio.ensure_future(self._restart(batch))
-            return
-        self._send(batch)
+        if self._waiting is not None:  # a new writer is starting: it takes this one too
+            self._waiting.append(batch)
+        elif self._stream is None:  # the last one died: one new writer first
+            self._waiting = [batch]
+            asyncio.ensure_future(self._restart())
+        else:
+            self._send(batch)
 
     def _send(self, batch: Batch) -> None:
         data = pickle.dumps(batch, pickle.HIGHEST_PROTOCOL)
@@ -109,14 +113,17 @@ class Writer:
                 process.kill()
                 process.wait()
 
-    async def _restart(self, batch: Batch) -> None:
+    async def _restart(self) -> None:
         try:
             await self.stop()
             await self.start()
         except Exception as exc:  # noqa: BLE001 - the callers see the store as away, and retry
+            self._waiting = None
             self._fail_all(StoreUnavailable(f"the SQLite writer process could not start: {exc!r}"))
             return
-        self._send(batch)
+        waiting, self._waiting = self._waiting, None
+        for batch in waiting:
+            self._send(batch)
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         try:
