@@ -95,7 +95,8 @@ class BrokerSettings(_Frozen):
     # Every payment timeout is added as a tier (app.py), so a pay deadline parks once.
     delay_tiers: Annotated[tuple[PositiveFloat, ...], msgspec.Meta(min_length=1)] = (1, 5, 30, 120, 600, 3600, 21600)
     # The sweeper (safety net behind the timers): every sweep_interval seconds it fires wake-ups and
-    # pay deadlines overdue by more than sweep_grace seconds, ones the broker lost.
+    # pay deadlines overdue by more than sweep_grace seconds, ones the broker lost, and restarts this
+    # instance's queued orders unwritten for sweep_grace seconds that nothing here works on.
     sweep_interval: PositiveFloat = 60.0
     sweep_grace: NonNegative = 30.0
 

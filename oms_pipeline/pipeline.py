@@ -741,7 +741,8 @@ class Pipeline:
                 pass  # next time
 
     async def sweep(self) -> int:
-        """Fire every wake-up and pay deadline overdue by more than broker.sweep_grace; returns how many."""
+        """Fire every wake-up and pay deadline overdue by more than broker.sweep_grace, and restart
+        this instance's stranded queued orders; returns how many of both."""
         fired = 0
         before = self.clock.now() - self.settings.broker.sweep_grace
         for stored in await self.store.overdue(before, 1000):
@@ -754,7 +755,33 @@ class Pipeline:
             fired += 1
         if fired:
             log.warning("sweeper fired overdue timers", extra={"event": "timers_swept", "count": fired})
-        return fired
+        return fired + await self._restart_stranded(before)
+
+    async def _restart_stranded(self, before: float) -> int:
+        """Queued orders of this instance, unwritten since `before`, that nothing here works on are
+        started again from their last checkpoint, as after a restart. How one strands: a create
+        committed while the store went away before answering (the caller saw 503), so the
+        caller's retry found the order made and did not start it a second time."""
+        if not self.store.persistent or not self._accepting:
+            return 0  # (without checkpoints the store never learns an order moved on)
+        restarted, after = 0, ""
+        while rows := await self.store.stranded(before, 500, after):
+            after = rows[-1].order_no
+            for row in rows:
+                if row.order_no in self.in_flight:
+                    continue
+                # Read again now that it is known not to be in flight: the list may predate the
+                # checkpoint with which it left (its end written while the list was read).
+                stored = await self.store.get(row.order_no)
+                if (stored is None or stored.state != st.QUEUED or stored.updated_at >= before
+                        or stored.order_no in self.in_flight):
+                    continue
+                await self._start(self._job(stored))
+                restarted += 1
+        if restarted:
+            log.warning("sweeper restarted stranded orders", extra={
+                "event": "orders_restarted", "count": restarted})
+        return restarted
 
     async def refresh_state_counts(self) -> None:
         try:

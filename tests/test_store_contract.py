@@ -268,6 +268,17 @@ async def test_overdue_lists_parked_and_waiting_orders_by_wake_time(store):
     assert [o.order_no for o in await store.overdue(1000.0)] == ["N1", "N3"]
 
 
+async def test_stranded_lists_own_queued_orders_unwritten_since_a_time_by_number(store):
+    store.own("A", 10.0)
+    await store.create([new("N1"), new("N2"), new("N3"), new("N4", state=st.WAIT_PAY)._replace(wake_at=150.0)])
+    await store.checkpoint([cp("N2", "a", st.QUEUED, "b", at=130.0), cp("N3", "a", st.DONE, "@done")])
+    assert [o.order_no for o in await store.stranded(120.0)] == ["N1"]  # N2 written since; N3 ended; N4 waits
+    assert [o.order_no for o in await store.stranded(140.0)] == ["N1", "N2"]
+    assert [o.order_no for o in await store.stranded(140.0, limit=1, after="N1")] == ["N2"]
+    store.own("B", 10.0)
+    assert await store.stranded(140.0) == []  # A's orders are A's business
+
+
 async def test_an_order_another_holder_took_over_is_not_checkpointed_by_its_old_owner(store):
     store.own("A", 10.0)
     await store.renew(100.0)  # A alive until 110

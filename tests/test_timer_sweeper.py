@@ -63,3 +63,65 @@ async def test_lost_pay_deadlines_and_wake_ups_are_fired_once_overdue_by_the_gra
         assert await p.sweep() == 1
         assert (await store.get(unpaid.order_no)).state == st.CANCELLED
         assert await p.sweep() == 0
+
+
+class CommitThenFail(MemoryStore):
+    """The first create commits, then the caller sees the store go away (what a database restart
+    during the commit looks like from the daemon)."""
+
+    failed = False
+
+    async def create(self, orders):
+        results = await super().create(orders)
+        if not self.failed:
+            self.failed = True
+            raise st.StoreUnavailable("connection lost during the commit")
+        return results
+
+
+async def ship(order, ctx):
+    return NEXT
+
+
+async def test_an_order_created_while_the_caller_saw_the_store_fail_is_restarted_by_the_sweeper():
+    store = CommitThenFail()
+    p = build([StageSpec("pack", "io", ship), StageSpec("ship", "io", ship)], store=store,
+              settings={"broker": {"sweep_grace": 30.0}})
+    async with running(p):
+        order = make_order(1)
+        with pytest.raises(st.StoreUnavailable):
+            await p.submit(order)
+        assert await p.submit(make_order(1)) == (order.order_no, False)  # the caller's retry: already made
+        other = make_order(2)
+        await p.submit(other)
+        await settle()
+        assert (await store.get(order.order_no)).state == st.QUEUED  # stranded: nothing works on it
+        assert (await store.get(other.order_no)).state == st.DONE
+        assert await p.sweep() == 0  # within the grace
+        p.clock.advance(31)
+        assert await p.sweep() == 1  # the finished order is not started again, the stranded one is
+        await settle()
+        assert (await store.get(order.order_no)).state == st.DONE
+        assert [h.stage for h in await store.history(order.order_no)] == ["intake", "pack", "ship"]
+        assert await p.sweep() == 0
+
+
+async def test_the_sweeper_leaves_queued_orders_in_flight_here_alone():
+    gate = anyio.Event()
+
+    async def held(order, ctx):
+        await gate.wait()
+        return NEXT
+
+    store = MemoryStore()
+    p = build([StageSpec("pack", "io", held)], store=store, settings={"broker": {"sweep_grace": 30.0}})
+    async with running(p):
+        order = make_order(1)
+        await p.submit(order)
+        await settle()
+        p.clock.advance(120)
+        assert await p.sweep() == 0  # queued and old, but this instance is working on it
+        gate.set()
+        await settle()
+        assert (await store.get(order.order_no)).state == st.DONE
+        assert [h.stage for h in await store.history(order.order_no)] == ["intake", "pack"]

@@ -198,6 +198,11 @@ class MemoryStore:
                  if o.state in (PARKED, WAIT_PAY) and o.wake_at is not None and o.wake_at < before]
         return sorted(found, key=lambda o: o.wake_at)[:limit]
 
+    async def stranded(self, before: float, limit: int = 500, after: str = "") -> list[StoredOrder]:
+        found = sorted(no for no, o in self._orders.items()
+                       if o.state == QUEUED and o.updated_at < before and no > after and self._mine(no))
+        return [self._orders[no] for no in found[:limit]]
+
     async def reverse_create(self, record: ReverseRecord) -> tuple[str, bool]:
         existing = self._reverse_keys.get((record.order_no, record.request_key))
         if existing is not None:

@@ -283,6 +283,9 @@ class PostgresStore:
     async def overdue(self, before: float, limit: int = 500) -> list[StoredOrder]:
         return [StoredOrder(*r) for r in await self._rows("overdue", before, limit)]
 
+    async def stranded(self, before: float, limit: int = 500, after: str = "") -> list[StoredOrder]:
+        return [StoredOrder(*r) for r in await self._rows("stranded", self.holder, before, after, limit)]
+
     async def reverse_get(self, reverse_no: str) -> ReverseRecord | None:
         rows = await self._rows("reverse_get", reverse_no)
         return ReverseRecord(*rows[0]) if rows else None

@@ -256,6 +256,9 @@ class SqliteStore:
     async def overdue(self, before: float, limit: int = 500) -> list[StoredOrder]:
         return [StoredOrder(*r) for r in await self._rows(Q["overdue"], before, limit)]
 
+    async def stranded(self, before: float, limit: int = 500, after: str = "") -> list[StoredOrder]:
+        return [StoredOrder(*r) for r in await self._rows(Q["stranded"], self.holder, before, after, limit)]
+
     async def reverse_get(self, reverse_no: str) -> ReverseRecord | None:
         rows = await self._rows(Q["reverse_get"], reverse_no)
         return ReverseRecord(*rows[0]) if rows else None

@@ -217,6 +217,10 @@ class Store(Protocol):
         """Parked or payment-waiting orders whose wake_at (wake time, pay deadline) is before
         `before`, earliest first: what the sweeper re-fires when a timer was lost."""
 
+    async def stranded(self, before: float, limit: int = 500, after: str = "") -> list[StoredOrder]:
+        """Queued orders this holder (or nobody) owns, last written before `before`, by number
+        after `after`: the sweeper restarts those its instance is not working on."""
+
     # -- the outbox ---------------------------------------------------------------
 
     async def outbox_claim(self, holder: str, limit: int, lease: float, now: float) -> list[OutboxRow]:

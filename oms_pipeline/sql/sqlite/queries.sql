@@ -130,6 +130,13 @@ FROM reverse_orders WHERE order_no = ? ORDER BY created_at, reverse_no;
 SELECT reverse_no, order_no, request_key, kind, state, created_at, updated_at, doc
 FROM reverse_orders WHERE state NOT IN ('done', 'refused') AND reverse_no > ? ORDER BY reverse_no LIMIT ?;
 
+-- name: stranded
+-- Queued orders of this holder (or nobody) not written since ? (orders_by_owner): restarted by the
+-- sweeper when its instance is not working on them.
+SELECT order_no, kind, state, stage, status, attempts, wake_at, doc, parent_no, updated_at
+FROM orders WHERE state = 'queued' AND owner IN ('', ?) AND updated_at < ? AND order_no > ?
+ORDER BY order_no LIMIT ?;
+
 -- name: overdue
 SELECT order_no, kind, state, stage, status, attempts, wake_at, doc, parent_no, updated_at
 FROM orders WHERE state IN ('parked', 'wait_pay') AND wake_at < ? ORDER BY wake_at LIMIT ?;
