@@ -173,8 +173,9 @@ async def measure(app: Any, args: argparse.Namespace) -> None:
     lags = sorted(cancels.lags[i] for i in range(min(cancels.count, len(cancels.lags))))
     print(f"orders={args.orders} deadline={args.deadline:g}s tiers={app.pipeline.timers.topology.tiers} "
           f"downstream state: {args.downstream_state}")
-    print(f"created {created:,} in {seconds:.1f}s = {created / seconds:,.0f}/s; pending timers on the broker "
-          f"after the last create: {pending:,} (cancelled by then: {cancelled_at_peak:,})")
+    print(f"created {created:,} in {seconds:.1f}s = {created / seconds:,.0f}/s; pending on the broker after the "
+          f"last create: {created - cancelled_at_peak:,} pay deadlines in {pending:,} messages "
+          f"(cancelled by then: {cancelled_at_peak:,})")
     print(f"rss: before {rss_before:.1f} MB, at the peak {rss_peak:.1f} MB, at the end {rss_end:.1f} MB")
     rate = cancels.count / max(cancels.last - cancels.first, 1e-9)
     print(f"cancelled {cancels.count:,}/{created:,} at {rate:,.0f}/s; re-parked {app.pipeline.timers.reparked:,}; "

@@ -145,8 +145,8 @@ class PipelineCollector(Collector):
         for state, n in sorted(p.state_counts.items()):
             states.add_metric([state], n)
         yield states
-        yield GaugeMetricFamily("oms_timers_pending", "Timers waiting to fire (parks, retries, deadlines).",
-                                value=p.timers.pending)
+        yield GaugeMetricFamily("oms_timers_pending", "Timers waiting to fire (parks, retries, deadlines); "
+                                "on RabbitMQ, messages: timers due together share one.", value=p.timers.pending)
         yield GaugeMetricFamily("oms_orders_in_flight", "Orders this instance is working on.",
                                 value=len(p.in_flight))
         yield CounterMetricFamily("oms_orders_intake", "Orders accepted at intake.", value=p.intake_count)

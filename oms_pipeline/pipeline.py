@@ -233,8 +233,8 @@ class Pipeline:
         if state == st.QUEUED:
             await self._start_many(started)
         else:
-            for job in started:
-                await self._arm_pay_deadline(job.order)
+            await self.timers.schedule_many([("pay_deadline", job.order.order_no, job.order.pay_deadline)
+                                             for job in started if job.order.pay_deadline is not None])
         return results
 
     async def _arm_pay_deadline(self, order: Order) -> None:
@@ -694,15 +694,19 @@ class Pipeline:
         if not self.store.persistent:
             return
         resumed = 0
+        timers: list[tuple[str, str, float]] = []
         for stored in await self.store.active():
             if stored.state == st.QUEUED:
                 await self._start(self._job(stored))
                 resumed += 1
             elif stored.state == st.PARKED:
-                await self.timers.schedule("resume", stored.order_no, stored.wake_at or self.clock.now())
+                timers.append(("resume", stored.order_no, stored.wake_at or self.clock.now()))
                 resumed += 1
             elif stored.state == st.WAIT_PAY:
-                await self._arm_pay_deadline(order_codec.decode(stored.doc))
+                deadline = order_codec.decode(stored.doc).pay_deadline
+                if deadline is not None:
+                    timers.append(("pay_deadline", stored.order_no, deadline))
+        await self.timers.schedule_many(timers)
         # A crash between a child's last checkpoint and its parent's settling
         # leaves the parent waiting: settle every waiting parent once at start.
         after = ""

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from contextlib import asynccontextmanager
 
+import anyio
+
 import pytest
 
 from oms_pipeline.adapters import postgres_store
@@ -34,6 +36,19 @@ async def store(request, tmp_path):
         await s.open()
         yield s
         await s.close()
+
+
+async def gather(*calls) -> list:
+    """Await calls started together (in one turn of the loop), results in their order."""
+    results: list = [None] * len(calls)
+
+    async def one(i, call):
+        results[i] = await call
+
+    async with anyio.create_task_group() as tg:
+        for i, call in enumerate(calls):
+            tg.start_soon(one, i, call)
+    return results
 
 
 def new(no: str, ext: str | None = None, state: str = st.QUEUED, parent: str | None = None) -> NewOrder:
@@ -205,6 +220,25 @@ async def test_checkpoint_if_applies_only_in_the_expected_state(store):
     got = await store.get("N1")
     assert (got.state, got.status) == (st.QUEUED, "PAID")
     assert [h.outcome for h in await store.history("N1")] == ["created", "release"]
+
+
+async def test_compare_and_sets_asked_at_once_apply_in_the_order_asked(store):
+    """A payment and its deadline racing in one instant (one group commit on PostgreSQL): the
+    first asked wins, the second sees its state and changes nothing; other orders are apart."""
+    await store.create([new("N1", state=st.WAIT_PAY), new("N2", state=st.WAIT_PAY), new("N3")])
+    paid = cp("N1", "payment", st.QUEUED, "a", outcome="release", status="PAID")
+    timeout = cp("N1", "payment", st.CANCELLED, "@cancelled", outcome="pay_timeout", status="CANCELLED",
+                 events=(st.Event("N1", "WAIT_PAY", "CANCELLED", 101.0),))
+    other = cp("N2", "payment", st.CANCELLED, "@cancelled", outcome="pay_timeout", status="CANCELLED")
+    stale = cp("N3", "payment", st.CANCELLED, "@cancelled", outcome="pay_timeout", status="CANCELLED")
+    results = await gather(store.checkpoint_if(paid, st.WAIT_PAY), store.checkpoint_if(timeout, st.WAIT_PAY),
+                           store.checkpoint_if(other, st.WAIT_PAY), store.checkpoint_if(stale, st.WAIT_PAY))
+    assert results == [True, False, True, False]
+    got = await gather(*(store.get(no) for no in ("N1", "N2", "N3", "N4", "N1")))
+    assert [(g.state, g.status) if g else None for g in got] == [
+        (st.QUEUED, "PAID"), (st.CANCELLED, "CANCELLED"), (st.QUEUED, "IN_FULFILMENT"), None, (st.QUEUED, "PAID")]
+    assert [h.outcome for h in await store.history("N1")] == ["created", "release"]
+    assert await store.events("N1") == []  # the losing timeout's event was not written
 
 
 async def test_outbox_holds_events_and_commands_until_published(store):

@@ -23,6 +23,9 @@ class LostTimers:
     async def schedule(self, purpose: str, order_no: str, at: float) -> None:
         self.lost += 1
 
+    async def schedule_many(self, timers) -> None:
+        self.lost += len(timers)
+
     def __getattr__(self, name):
         return getattr(self.inner, name)
 

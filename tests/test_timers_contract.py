@@ -117,3 +117,19 @@ async def test_nothing_fires_before_its_time(timers):
 
     fired = await collect(h, [schedule, lambda: h.advance_to(9)], settle=False)
     assert fired == [] and await h.pending() == 1
+
+
+async def test_timers_scheduled_together_each_fire_once_at_their_time(timers):
+    """An intake batch's pay deadlines (many at one instant) and a restart's re-armed timers
+    (spread out), scheduled in one call: each fires once, none early, the later ones still wait."""
+    h = timers
+    batch = [("pay_deadline", f"P{i:03d}", h.at(10)) for i in range(300)]
+    spread = [("resume", f"R{i}", h.at(12 + i)) for i in range(3)]
+
+    async def schedule():
+        await h.timers.schedule_many(batch + spread + [("resume", "L", h.at(3600))])
+
+    fired = await collect(h, [schedule, lambda: h.advance_to(9), lambda: h.advance_to(15)])
+    assert sorted((d.purpose, d.order_no, d.at) for d in fired) == sorted(batch + spread)
+    assert [d.order_no for d in fired[-3:]] == ["R0", "R1", "R2"]
+    assert await h.pending() == 1

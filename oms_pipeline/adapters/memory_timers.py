@@ -35,6 +35,10 @@ class MemoryTimers:
         if self._scope is not None and self._sleeping_until is not None and at < self._sleeping_until:
             self._scope.cancel()
 
+    async def schedule_many(self, timers: list[tuple[str, str, float]]) -> None:
+        for timer in timers:
+            await self.schedule(*timer)
+
     async def run(self, on_due: Callable[[list[Due]], Awaitable[None]]) -> None:
         while True:
             if not self._heap:

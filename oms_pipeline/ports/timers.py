@@ -18,6 +18,10 @@ class Due(NamedTuple):
 class Timers(Protocol):
     async def schedule(self, purpose: str, order_no: str, at: float) -> None: ...
 
+    async def schedule_many(self, timers: list[tuple[str, str, float]]) -> None:
+        """Schedule (purpose, order number, at) timers together (an intake batch's pay deadlines,
+        re-arming after a restart): the adapter may carry timers due together in one message."""
+
     async def run(self, on_due: Callable[[list[Due]], Awaitable[None]]) -> None:
         """Deliver due timers until cancelled."""
 

@@ -87,11 +87,19 @@ WHERE order_no IN (SELECT o.order_no FROM orders o LEFT JOIN instances i ON i.ho
                    ORDER BY o.order_no LIMIT $3 FOR UPDATE OF o SKIP LOCKED)
 RETURNING order_no, kind, state, stage, status, attempts, wake_at, doc, parent_no, updated_at;
 
--- name: checkpoint_if
-UPDATE orders SET state = $2, stage = $3, status = $4, attempts = $5, wake_at = $6, doc = $7, updated_at = $8,
-                  owner = $10
-WHERE order_no = $1 AND state = $9
-RETURNING order_no;
+-- name: checkpoint_if_orders
+-- Compare-and-set checkpoints of a group commit, at most one per order (the
+-- caller runs an order's second one in a later statement of the same
+-- transaction), sorted by order number: each applies only if its order is still
+-- in its expected state ($9), and takes the order over for the holder ($10).
+UPDATE orders AS o
+SET state = c.state, stage = c.stage, status = c.status, attempts = c.attempts,
+    wake_at = c.wake_at, doc = c.doc, updated_at = c.at, owner = $10::text
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::float8[],
+            $7::bytea[], $8::float8[], $9::text[])
+     AS c(order_no, state, stage, status, attempts, wake_at, doc, at, expect)
+WHERE o.order_no = c.order_no AND o.state = c.expect
+RETURNING o.order_no;
 
 -- name: add_history
 -- ORDER BY the array position: the identity column then keeps an order's
@@ -115,9 +123,10 @@ INSERT INTO sequences (name, next) VALUES ($1, $2)
 ON CONFLICT (name) DO UPDATE SET next = sequences.next + excluded.next - 1
 RETURNING next;
 
--- name: get_order
+-- name: get_orders
+-- The orders asked for in one turn of the daemon's loop, read together.
 SELECT order_no, kind, state, stage, status, attempts, wake_at, doc, parent_no, updated_at
-FROM orders WHERE order_no = $1;
+FROM orders WHERE order_no = ANY ($1::text[]);
 
 -- name: active_orders
 SELECT order_no, kind, state, stage, status, attempts, wake_at, doc, parent_no, updated_at
