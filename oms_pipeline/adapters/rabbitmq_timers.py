@@ -192,7 +192,7 @@ class RabbitTimers(Connected):
     # -- scheduling -----------------------------------------------------------
 
     async def schedule(self, purpose: str, order_no: str, at: float) -> None:
-        await self._park(orjson.dumps({"purpose": purpose, "order_no": order_no, "at": at}), at)
+        await self._park(_one(purpose, order_no, at), at)
 
     async def schedule_many(self, timers: list[tuple[str, str, float]]) -> None:
         """Timers due within PACK_WINDOW of each other travel as one message (up to PACK_MAX): an
@@ -428,6 +428,11 @@ async def _hand_over(send, message: AbstractIncomingMessage) -> None:
         pass  # run() has ended: the channel closes and the broker requeues the message
 
 
+def _one(purpose: str, order_no: str, at: float) -> bytes:
+    """The body of a message carrying one timer."""
+    return orjson.dumps({"purpose": purpose, "order_no": order_no, "at": at})
+
+
 def _packs(timers: list[tuple[str, str, float]]) -> list[tuple[bytes, float]]:
     """(body, at) messages for timers sorted by `at`: one timer as {purpose, order_no, at}; several
     due within PACK_WINDOW as {"at": the last one's, "timers": [[purpose, order_no, at], ...]}."""
@@ -438,8 +443,7 @@ def _packs(timers: list[tuple[str, str, float]]) -> list[tuple[bytes, float]]:
         while j < len(timers) and j - i < PACK_MAX and timers[j][2] - timers[i][2] <= PACK_WINDOW:
             j += 1
         if j - i == 1:
-            purpose, order_no, at = timers[i]
-            out.append((orjson.dumps({"purpose": purpose, "order_no": order_no, "at": at}), at))
+            out.append((_one(*timers[i]), timers[i][2]))
         else:
             at = timers[j - 1][2]
             out.append((orjson.dumps({"at": at, "timers": timers[i:j]}), at))
