@@ -138,8 +138,15 @@ class StageWorker:
         return outcomes
 
     async def _run_io(self, batch: list["Job"]) -> list[Outcome]:
-        handler, ctx, outcomes, waited = self.spec.handler, self._io_ctx, [], 0
-        for job in batch:
+        """Start every handler of the batch; those that wait then wait together.
+
+        A handler that completes without waiting costs one `coroutine.send`.
+        The ones that wait (a Redis counter, a downstream call) are resumed
+        side by side, so the calls of a whole batch go out in the same turn of
+        the loop (the adapters coalesce them) instead of one order's at a time.
+        """
+        handler, ctx, outcomes, waiting = self.spec.handler, self._io_ctx, [], []
+        for i, job in enumerate(batch):
             try:
                 coro = handler(job.order, ctx)
                 try:
@@ -147,18 +154,36 @@ class StageWorker:
                 except StopIteration as done:
                     result = done.value  # finished without waiting: no timer, no task switch
                 else:
-                    waited += 1
-                    async with asyncio.timeout(self.config.timeout):
-                        result = await _resume(coro, first)
-            except PermanentError as exc:
-                result = manual(f"{self.name}: {exc}")
-            except TimeoutError:
-                result = retry(f"{self.name}: timed out after {self.config.timeout:g}s")
+                    waiting.append((i, coro, first))
+                    result = None
             except Exception as exc:  # noqa: BLE001 - a handler failure never kills the worker
-                result = retry(f"{self.name}: {type(exc).__name__}: {exc}")
-            outcomes.append(result if type(result) is Outcome else _not_outcome(result, self.name))
-        self._waits = 0.8 * self._waits + 0.2 * (waited / len(batch))
-        return outcomes
+                result = self._failed(exc)
+            outcomes.append(result)
+        if waiting:
+            if len(waiting) == 1:
+                i, coro, first = waiting[0]
+                outcomes[i] = await self._finish(coro, first)
+            else:
+                results = await asyncio.gather(*(self._finish(coro, first) for _, coro, first in waiting))
+                for (i, _, _), result in zip(waiting, results):
+                    outcomes[i] = result
+        self._waits = 0.8 * self._waits + 0.2 * (len(waiting) / len(batch))
+        return [r if type(r) is Outcome else _not_outcome(r, self.name) for r in outcomes]
+
+    async def _finish(self, coro, first) -> Any:
+        """Carry on a handler that waited, under the stage's timeout; failures become outcomes."""
+        try:
+            async with asyncio.timeout(self.config.timeout):
+                return await _resume(coro, first)
+        except Exception as exc:  # noqa: BLE001 - a handler failure never kills the worker
+            return self._failed(exc)
+
+    def _failed(self, exc: Exception) -> Outcome:
+        if isinstance(exc, PermanentError):
+            return manual(f"{self.name}: {exc}")
+        if isinstance(exc, TimeoutError):
+            return retry(f"{self.name}: timed out after {self.config.timeout:g}s")
+        return retry(f"{self.name}: {type(exc).__name__}: {exc}")
 
     def _run_inline(self, batch: list["Job"]) -> list[Outcome]:
         ctx = CpuContext(self.name, self.pipeline.clock.now(), self.config.settings)

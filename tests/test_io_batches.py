@@ -1,0 +1,55 @@
+"""An `io` slot's batch: handlers that wait, wait side by side; each keeps its own timeout."""
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from oms_pipeline.outcome import NEXT
+from oms_pipeline.ports import store as st
+from oms_pipeline.stage import StageSpec
+from tests.support.runtime import all_orders, build, make_order, running
+
+pytestmark = pytest.mark.anyio
+
+ONE_SLOT = {"stage_defaults": {"io": {"pool": 1, "batch": 10, "queue": 100, "timeout": 30}}}
+
+
+async def test_the_waiting_handlers_of_one_batch_wait_together():
+    arrived, everyone = 0, anyio.Event()
+
+    async def barrier(order, ctx):  # returns only once all ten are inside at the same time
+        nonlocal arrived
+        arrived += 1
+        if arrived == 10:
+            everyone.set()
+        await everyone.wait()
+        return NEXT
+
+    p = build([StageSpec("barrier", "io", barrier)], settings=ONE_SLOT)
+    async with running(p):
+        await p.submit_many([make_order(i) for i in range(10)])
+        with anyio.fail_after(5):  # one at a time, the first would wait for the stage timeout (30 s)
+            await p.wait_until(lambda: p.total_finished() == 10)
+    assert {r.state for r in (await all_orders(p.store)).values()} == {st.DONE}
+
+
+async def test_a_stuck_handler_times_out_alone_and_its_batch_goes_on():
+    async def sometimes_stuck(order, ctx):
+        await anyio.sleep(0)
+        if order.external_id == "ext-3":
+            await anyio.sleep_forever()
+        return NEXT
+
+    settings = {"stage_defaults": {"io": {**ONE_SLOT["stage_defaults"]["io"], "timeout": 0.2},
+                                   "retry": {"max_attempts": 1}}}
+    p = build([StageSpec("stuck", "io", sometimes_stuck)], settings=settings)
+    async with running(p):
+        await p.submit_many([make_order(i) for i in range(6)])
+        with anyio.fail_after(5):
+            await p.wait_until(lambda: p.total_finished() == 6)
+    rows = await all_orders(p.store)
+    stuck = make_order(3).order_no
+    assert {no: r.state for no, r in rows.items() if no != stuck} == dict.fromkeys(
+        [make_order(i).order_no for i in (0, 1, 2, 4, 5)], st.DONE)
+    assert rows[stuck].state == st.MANUAL
+    assert any("stuck: timed out after 0.2s" in h.reason for h in await p.store.history(stuck))
