@@ -160,21 +160,34 @@ class StageWorker:
                 result = self._failed(exc)
             outcomes.append(result)
         if waiting:
-            if len(waiting) == 1:
-                i, coro, first = waiting[0]
-                outcomes[i] = await self._finish(coro, first)
-            else:
-                results = await asyncio.gather(*(self._finish(coro, first) for _, coro, first in waiting))
-                for (i, _, _), result in zip(waiting, results):
-                    outcomes[i] = result
+            for i, result in await self._wait_all(waiting):
+                outcomes[i] = result
         self._waits = 0.8 * self._waits + 0.2 * (len(waiting) / len(batch))
         return [r if type(r) is Outcome else _not_outcome(r, self.name) for r in outcomes]
 
-    async def _finish(self, coro, first) -> Any:
-        """Carry on a handler that waited, under the stage's timeout; failures become outcomes."""
+    async def _wait_all(self, waiting: list[tuple[int, Any, Any]]) -> list[tuple[int, Any]]:
+        """Resume the handlers that waited, side by side. They all started together, so one
+        deadline for the group is each one's own `timeout`: those not done by then time out,
+        and the others keep their results."""
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(self._finish(coro, first)) for _, coro, first in waiting]
         try:
-            async with asyncio.timeout(self.config.timeout):
-                return await _resume(coro, first)
+            _, pending = await asyncio.wait(tasks, timeout=self.config.timeout)
+        except BaseException:  # the slot is cancelled (shutdown): its handlers stop with it
+            for task in tasks:
+                task.cancel()
+            raise
+        if pending:
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending)
+        timed_out = self._failed(TimeoutError())
+        return [(i, timed_out if task.cancelled() else task.result()) for (i, _, _), task in zip(waiting, tasks)]
+
+    async def _finish(self, coro, first) -> Any:
+        """Carry on a handler that waited; a failure becomes its outcome."""
+        try:
+            return await _resume(coro, first)
         except Exception as exc:  # noqa: BLE001 - a handler failure never kills the worker
             return self._failed(exc)
 
