@@ -41,6 +41,8 @@ def largest_remainder(total: int, weights: list[int]) -> list[int]:
         if total:
             raise ValueError(f"cannot spread {total} over zero weights")
         return [0] * len(weights)
+    if total == 0:
+        return [0] * len(weights)
     shares = [total * w // weight for w in weights]
     remainders = [total * w % weight for w in weights]
     by_remainder = sorted(range(len(weights)), key=lambda i: (-remainders[i], i))
@@ -106,6 +108,9 @@ def apportion(columns: Sequence[tuple[int, Sequence[int], int]], row_min: Sequen
     to the row's exact signed sum rounded down. Returns the (unsigned) shares, by column."""
     shares = [largest_remainder(total, list(weights)) for total, weights, _ in columns]
     rows = len(row_min)
+    if all(sum(sign * shares[j][i] for j, (_, _, sign) in enumerate(columns)) >= row_min[i]
+           for i in range(rows)):
+        return shares  # every row already at its minimum: no cent needs to move
     values = [[sign * shares[j][i] for j, (_, _, sign) in enumerate(columns)] for i in range(rows)]
     floors = [[0] * len(columns) for _ in range(rows)]
     exact = [[True] * len(columns) for _ in range(rows)]

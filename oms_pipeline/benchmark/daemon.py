@@ -65,26 +65,33 @@ class Backend:
 
 
 class Daemon(PipelineView):
-    """An App built as the daemon builds it, fed through its intake."""
+    """An App built as the daemon builds it, fed through its intake.
 
-    def __init__(self, scenario: Scenario) -> None:
+    Alone it opens and closes its own `Backend`. One of several instances gets the run's
+    `services` (the parent's Backend), its own `daemon.instance_id`, and every `instances`-th
+    order of the seeded sequence starting at `instance`."""
+
+    def __init__(self, scenario: Scenario, services: dict[str, Any] | None = None, *, instance: int = 0,
+                 instances: int = 1) -> None:
         self.scenario = scenario
-        self.label = scenario.workload.kind
-        self.backend = Backend(scenario)
+        self.label = scenario.workload.kind if instances == 1 else f"{scenario.workload.kind} #{instance}"
+        self.backend = Backend(scenario) if services is None else None
+        self.services = services
+        self.instance, self.instances = instance, instances
         self.overrides = {**DEFAULT_OVERRIDES, **scenario.workload.order_overrides}
         self.requests: Iterator[dict[str, Any]] = iter(())
         self.settings: config.Settings | None = None
         self.app: Any = None
 
     async def open(self) -> None:
-        base = {"metrics": {"port": 0}, "downstream": {"retain_effects": False},
-                "routing": {"file": str(ROOT / "config" / "routes.toml")}}
-        services = await self.backend.open()
-        self.settings = config.from_mapping(merge(merge(base, self.scenario.config), services),
-                                            source=self.scenario.source)
+        services = self.services if self.backend is None else await self.backend.open()
+        if self.instances > 1:  # the store's lease holder, the relay's claims and order-number blocks
+            services = merge(services, {"daemon": {"instance_id": self.instance}})
+        self.settings = run_settings(self.scenario, services)
         self.app = await app_module.build(self.settings)
         self.pipeline = self.app.pipeline
-        self.requests = generate(self.scenario.load.count(), self.scenario.seed)
+        self.requests = islice(generate(self.scenario.load.count(), self.scenario.seed), self.instance, None,
+                               self.instances)
 
     async def start(self, tg: anyio.abc.TaskGroup, recorder: Recorder) -> None:
         self.recorder = recorder
@@ -110,7 +117,15 @@ class Daemon(PipelineView):
 
     async def close(self) -> None:
         await self.app.aclose()
-        await self.backend.close(self.settings)
+        if self.backend is not None:
+            await self.backend.close(self.settings)
+
+
+def run_settings(scenario: Scenario, services: dict[str, Any]) -> config.Settings:
+    """A run's daemon settings: the bench defaults, the scenario's overrides, then its services."""
+    base = {"metrics": {"port": 0}, "downstream": {"retain_effects": False},
+            "routing": {"file": str(ROOT / "config" / "routes.toml")}}
+    return config.from_mapping(merge(merge(base, scenario.config), services), source=scenario.source)
 
 
 def _redact(url: str) -> str:

@@ -2,30 +2,43 @@
 
 Each run gets a fresh event loop (uvloop, as the daemon runs) and the same
 seeded arrivals, one after another, so runs compare within one invocation on
-the same machine at the same time.
+the same machine at the same time. A production workload with `instances` > 1
+runs that many daemon processes on one backend, each with its share of the
+orders, and merges their figures into one run.
 """
 from __future__ import annotations
 
 import datetime as dt
 import gc
 import math
+import multiprocessing
 import os
 import platform
+import queue
 import sys
+import time
+import traceback
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
+
+import anyio
 
 from .. import config
 from ..daemon import tune_gc
 from . import advisor, peers, report, strategies, synthetic
-from .daemon import Daemon
+from .daemon import Backend, Daemon, run_settings
 from .load import arrivals
+from .probe import percentiles
 from .scenario import ROOT, Scenario, merge, to_dict
 
 DEFAULT_OUT = ROOT / "bench" / "out"
 # The bare-runtime settings of bench/runtime_noop.py, for the overhead comparison.
 NOOP_CONFIG = {"stage_defaults": {"io": {"pool": 32, "batch": 512, "queue": 2000},
                                   "cpu": {"pool": 1, "batch": 512, "queue": 2000}}}
+# Seconds an instance process may take to start and build its app (all wait for the slowest),
+# and to close it after its run, beyond the scenario's load.timeout.
+INSTANCE_SETUP, INSTANCE_CLOSE = 120.0, 120.0
 
 
 class Harness:
@@ -88,9 +101,12 @@ class Harness:
         return out
 
     def _daemon(self) -> None:
-        kind = self.s.workload.kind
-        self.say(f"{kind}: the daemon's 16 stages, {len(self.offsets):,} orders")
-        result = strategies.run(self._daemon_run)
+        kind, n = self.s.workload.kind, self.s.workload.instances
+        self.say(f"{kind}: the daemon's 16 stages, {len(self.offsets):,} orders"
+                 + (f", {n} instances" if n > 1 else ""))
+        result = strategies.run(self._daemon_run) if n == 1 else self._instances(n)
+        if result is None:
+            return
         self._record(kind, result)
         if self.s.compare.advisor:
             self.results["comparisons"]["advisor"] = self._proposal(result, kind)
@@ -99,6 +115,81 @@ class Harness:
         system = Daemon(self.s)
         await system.open()
         return await self._measure(system)
+
+    def _instances(self, n: int) -> dict[str, Any] | None:
+        """N daemon processes on one backend, opened and removed here; their merged run, or
+        None when no instance sent one (the run is then incomplete, with a note why)."""
+        backend = Backend(self.s)
+        services = strategies.run(backend.open)
+        try:
+            runs, failed = self._spawn(services, n)
+        finally:
+            strategies.run(backend.close, run_settings(self.s, services))
+        kind = self.s.workload.kind
+        for i, why in sorted(failed.items()):
+            self.results["notes"].append(f"run {kind}: instance {i} of {n} {why}")
+        done = [r for r in runs if r is not None]
+        if not done:
+            self.results["incomplete"].append(kind)
+            return None
+        merged = merge_instances(done, self.offsets, kind)
+        if failed:
+            merged["stopped"] = f"lost {len(failed)} of {n} instances"
+        return merged
+
+    def _spawn(self, services: dict[str, Any], n: int) -> tuple[list[dict[str, Any] | None], dict[int, str]]:
+        """Start the instance processes (spawned: no copy of this process's loop or connections),
+        collect each one's run, and make sure none outlives this call. The runs by instance (None
+        for one that failed) and why each failed one did."""
+        ctx = multiprocessing.get_context("spawn")
+        barrier, inbox = ctx.Barrier(n), ctx.Queue()
+        procs = [ctx.Process(target=run_instance, name=f"oms-bench-instance-{i}",
+                             args=(self.s, services, i, n, self.offsets[i::n], barrier, inbox,
+                                   self.progress and i == 0))
+                 for i in range(n)]
+        runs: list[dict[str, Any] | None] = [None] * n
+        failed: dict[int, str] = {}
+        silent: set[int] = set()  # seen dead with no run sent: failed if still nothing after one more wait
+        timeout = self.s.load.timeout
+        deadline = time.monotonic() + INSTANCE_SETUP + timeout + INSTANCE_CLOSE if timeout else math.inf
+        try:
+            for p in procs:
+                p.start()
+            while sum(r is not None for r in runs) + len(failed) < n:
+                try:
+                    i, outcome, payload = inbox.get(timeout=1.0)
+                except queue.Empty:
+                    pending = [i for i in range(n) if runs[i] is None and i not in failed]
+                    for i in pending:
+                        if procs[i].is_alive():
+                            continue
+                        if i in silent:
+                            failed[i] = f"exited (code {procs[i].exitcode}) without sending its run"
+                            barrier.abort()
+                        silent.add(i)
+                    if time.monotonic() > deadline:
+                        for i in pending:
+                            failed.setdefault(i, f"sent no run within {deadline - time.monotonic() + 0:.0f} s")
+                        break
+                    continue
+                if outcome == "ok":
+                    runs[i] = payload
+                else:
+                    failed[i] = f"failed: {payload}"
+                    barrier.abort()  # the others stop waiting for it to start
+        finally:
+            for p in procs:
+                if p.pid is None:
+                    continue
+                p.join(timeout=INSTANCE_CLOSE if not failed else 10)
+                if p.is_alive():
+                    p.terminate()
+                    p.join(timeout=10)
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+            inbox.close()
+        return runs, failed
 
     # -- single runs ------------------------------------------------------------
 
@@ -122,10 +213,7 @@ class Harness:
         return strategies.run(go)
 
     async def _measure(self, system: Any, label: str | None = None, offsets: list[float] | None = None) -> dict:
-        load = self.s.load
-        return await strategies.measure(system, offsets or self.offsets, batch=load.batch,
-                                        interval=self.s.sample_interval, timeout=load.timeout,
-                                        stall=load.stall, progress=self.progress, label=label)
+        return await measure(self.s, system, offsets or self.offsets, progress=self.progress, label=label)
 
     def _record(self, name: str, result: dict[str, Any]) -> None:
         result["cpu_ms_per_order"] = (round(result["cpu_seconds"] / result["finished"] * 1000, 3)

@@ -65,6 +65,14 @@ class Workload(_Strict):
     postgres: str = "postgresql://postgres@127.0.0.1:5432"  # production: a database is created per run
     rabbitmq: str = "amqp://guest:guest@127.0.0.1:5672/"
     redis: str = "redis://127.0.0.1:6379/0"
+    # production: daemon processes sharing the run's database and prefixes, each with its own
+    # daemon.instance_id (0..999) and its share of the orders, as behind a load balancer
+    instances: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 1
+
+    def __post_init__(self) -> None:
+        if self.instances > 1 and self.kind != "production":
+            raise ValueError(f"workload.instances = {self.instances} needs kind = \"production\" (several "
+                             f"daemons share one database, RabbitMQ and Redis), not {self.kind!r}")
 
 
 class Compare(_Strict):

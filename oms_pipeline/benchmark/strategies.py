@@ -234,9 +234,10 @@ class PerOrder:
 # -- a run --------------------------------------------------------------------
 
 async def measure(system: System, offsets: list[float], *, batch: int, interval: float, timeout: float,
-                  stall: float, progress: bool, label: str | None = None) -> dict[str, Any]:
+                  stall: float, progress: bool, label: str | None = None, raw: bool = False) -> dict[str, Any]:
     """Drive `system` with the arrivals in `offsets` until every order ended (or the run
-    timed out or stalled), sampling all along; the run's figures as a dict."""
+    timed out or stalled), sampling all along; the run's figures as a dict. With `raw`, also
+    every latency (seconds) and the perf_counter start and last end, for merging instances."""
     n = len(offsets)
     recorder, driver = Recorder(), Driver(offsets, batch)
     sampler = Sampler(interval, lambda: recorder.finished, system.stage_view)
@@ -258,7 +259,9 @@ async def measure(system: System, offsets: list[float], *, batch: int, interval:
             "offered_rate": round(n / offsets[-1], 1) if offsets[-1] > 0 else None,
             "latency_ms": {k: round(v, 2) for k, v in percentiles(recorder.latencies).items()},
             "service_ms": {k: round(v * 1000, 4) for k, v in system.service_times().items()},
-            "system": system.describe(), **sampler.summary(), "series": sampler.series}
+            "system": system.describe(), **sampler.summary(), "series": sampler.series,
+            **({"raw": {"latencies_s": recorder.latencies, "started": driver.started,
+                        "last_end": recorder.last_end}} if raw else {})}
 
 
 async def _wait_finished(recorder: Recorder, n: int, started: float, timeout: float, stall: float,
