@@ -118,7 +118,7 @@ def _publisher_for(settings: Settings, ports: Any) -> tuple[Any, Any]:
     from .adapters.rabbitmq_publisher import RabbitPublisher
     url, prefix = settings.broker.url, settings.broker.prefix
     publisher = RabbitPublisher(url, prefix=prefix, mandatory_events=relay.mandatory_events,
-                                confirm_timeout=relay.confirm_timeout)
+                                confirm_timeout=relay.confirm_timeout, events_per_message=relay.events_per_message)
     downstream = RabbitDownstream(url, ports, prefix=prefix, prefetch=relay.downstream_prefetch,
                                   max_retries=relay.downstream_max_retries, retry_delay=relay.downstream_retry_delay)
     return publisher, downstream

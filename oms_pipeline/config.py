@@ -172,6 +172,7 @@ class RelaySettings(_Frozen):
     max_backoff: PositiveFloat = 60.0  # longest wait before retrying a failed batch or a refused row
     confirm_timeout: PositiveFloat = 10.0  # seconds a publish may wait for the broker's confirm
     mandatory_events: bool = False  # true: an event no queue is bound for is an error and stays in the outbox
+    events_per_message: Positive = 100  # RabbitMQ: events of one topic packed into one message (1: one each)
     concurrency: Positive = 32  # embedded: commands applied at once in-process
     downstream_prefetch: Positive = 200  # RabbitMQ consumer: unacked commands held (and applied at once)
     downstream_max_retries: Annotated[int, msgspec.Meta(ge=0)] = 5  # transient failures before dead-lettering

@@ -12,6 +12,7 @@ import urllib.request
 import uuid
 
 import aio_pika
+import orjson
 import anyio
 import pytest
 
@@ -57,8 +58,10 @@ effect_log = "{effects}"
             assert status == 201 and created["status"] == "WAIT_PAY"
             order_no = created["order_no"]
             message = await next_message(events)
-            assert message.message_id.startswith(f"{order_no}:event:")
-            assert message.routing_key == "order.cancelled" and message.headers["order_no"] == order_no
+            [event] = orjson.loads(message.body)  # events travel packed (relay.events_per_message)
+            assert message.routing_key == "order.cancelled" and message.headers["events"] == 1
+            assert event["message_id"].startswith(f"{order_no}:event:") and event["order_no"] == order_no
+            assert event["event"]["to"] == "CANCELLED"
             await wait_published(metrics_port(config), 'oms_outbox_published_total{topic="inventory.release"} 1.0')
         finally:
             d.stop()

@@ -85,11 +85,12 @@ async def outbox(*commands: Command, events: tuple[Event, ...] = ()) -> MemorySt
     return store
 
 
-async def test_rows_are_published_with_confirms_and_their_message_ids():
+@pytest.mark.parametrize("per_message", [1, 100])
+async def test_rows_are_published_with_confirms_and_their_message_ids(per_message):
     async with broker() as (connection, prefix):
         queue = await watch(connection, prefix, "fms.#", "order.#")
         store = await outbox(refund("O1"), events=(Event("O1", "PAID", "CANCELLED", START + 1),))
-        async with publisher(prefix) as pub:
+        async with publisher(prefix, events_per_message=per_message) as pub:
             relay = Relay(store, pub, VirtualClock(START + 2), relay_settings(), "test")
             assert await relay.drain(10)
         assert await store.outbox_pending() == 0
@@ -97,12 +98,46 @@ async def test_rows_are_published_with_confirms_and_their_message_ids():
         messages = {m.routing_key: m for m in await take(queue, 2)}
         event, command = messages["order.cancelled"], messages["fms.refund"]
         assert command.message_id == "O1:refund:P1" and command.type == "fms.refund"
+        assert command.headers["order_no"] == "O1"
         assert orjson.loads(command.body)["amount"] == 1990
-        assert event.message_id.startswith("O1:event:") and event.type == "order.cancelled"
-        assert orjson.loads(event.body) == {"order_no": "O1", "from": "PAID", "to": "CANCELLED", "at": START + 1}
+        assert event.type == "order.cancelled"
+        body = {"order_no": "O1", "from": "PAID", "to": "CANCELLED", "at": START + 1}
+        if per_message == 1:
+            assert event.message_id.startswith("O1:event:") and event.headers["order_no"] == "O1"
+            assert orjson.loads(event.body) == body
+        else:  # a pack of one: each event keeps its own message id inside
+            [packed] = orjson.loads(event.body)
+            assert event.headers["events"] == 1 and event.message_id.startswith("events:")
+            assert packed["message_id"].startswith("O1:event:") and packed["order_no"] == "O1"
+            assert packed["event"] == body and packed["at"] == START + 1
         for message in (event, command):
             assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
-            assert message.headers["order_no"] == "O1" and message.content_type == "application/json"
+            assert message.content_type == "application/json"
+
+
+async def test_events_of_one_topic_travel_packed_and_each_keeps_its_message_id():
+    async with broker() as (connection, prefix):
+        queue = await watch(connection, prefix, "order.#", "fms.#")
+        store = MemoryStore()
+        for n in range(250):
+            await stored_order(store, f"O{n}")
+        for n in range(250):
+            await checkpoint_with(store, f"O{n}", *([refund(f"O{n}")] if n < 3 else []),
+                                  events=(Event(f"O{n}", "PAID", "CANCELLED" if n % 2 else "DISPATCHED", START),))
+        async with publisher(prefix, events_per_message=100) as pub:
+            relay = Relay(store, pub, VirtualClock(START + 2), relay_settings(batch=500), "test")
+            assert await relay.drain(30)
+        assert await store.outbox_pending() == 0
+        assert relay.stats.published == {"order.cancelled": 125, "order.dispatched": 125, "fms.refund": 3}
+        messages = await take(queue, 2 + 2 + 3)  # per topic: 100 + 25 events; three commands
+        packs = [m for m in messages if m.type.startswith("order.")]
+        assert sorted(m.headers["events"] for m in packs) == [25, 25, 100, 100]
+        inside = [e for m in packs for e in orjson.loads(m.body)]
+        assert all(e["event"]["to"] == m.type.split(".")[1].upper() for m in packs for e in orjson.loads(m.body))
+        assert len({e["message_id"] for e in inside}) == 250
+        assert {e["order_no"] for e in inside} == {f"O{n}" for n in range(250)}
+        assert {m.message_id for m in messages if m.type == "fms.refund"} == {f"O{n}:refund:P1" for n in range(3)}
+        assert await queue.get(fail=False) is None  # nothing more: one message per pack
 
 
 async def test_an_unroutable_command_is_an_error_and_stays_in_the_outbox_until_a_queue_is_bound():
