@@ -6,14 +6,19 @@ that the runs ended and the reports hold what the README says they hold.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import tomllib
 
+import anyio
+import asyncpg
 import pytest
+import redis
 
-from oms_pipeline.benchmark import advisor, scenario
+from oms_pipeline.benchmark import advisor, harness, scenario
 from oms_pipeline.benchmark.command import add_arguments, overrides
+from tests.conftest import require_service
 from tests.support.daemon import ROOT
 
 pytestmark = pytest.mark.slow
@@ -116,3 +121,83 @@ def test_the_advisor_sizes_pools_by_littles_law():
     cap = advisor.capacity(stages, service)
     assert cap["tightest"] == "stage a" and cap["orders_per_s"] == 200.0
     assert cap["bounds"]["event loop (inline cpu stages)"] == 2000.0
+
+
+def test_two_production_instances_in_smoke_mode_share_one_backend_and_remove_it(tmp_path):
+    for name, port in (("PostgreSQL", 5432), ("RabbitMQ", 5672), ("Redis", 6379)):
+        require_service(name, "127.0.0.1", port)
+    done = bench("production_2x", "--smoke", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["incomplete"] == [] and results["notes"] == []
+    run = results["runs"]["production"]
+    assert RUN_FIELDS <= set(run)
+    assert run["finished"] == run["orders"] == 200 and sum(run["ends"].values()) == 200
+    assert run["instances"] == 2 and len(run["instance_throughput"]) == 2
+    assert all(t > 0 for t in run["instance_throughput"]) and run["instance_finished"] == [100, 100]
+    series = run["series"]
+    assert len(series["t"]) == len(series["finished"]) == len(series["cpu_s"]) > 1
+    assert series["finished"][-1] == 200
+    assert all(len(row["depth"]) == len(row["util"]) == len(series["t"]) for row in series["stages"].values())
+    assert "production (2 instances:" in (tmp_path / "summary.md").read_text()
+
+    tag = run["system"]["store"].rsplit("/", 1)[1]
+    assert tag.startswith("oms_bench_")
+    assert not anyio.run(_databases, tag)
+    assert not list(redis.Redis.from_url("redis://127.0.0.1:6379/0").scan_iter(f"{tag}:*"))
+    if shutil.which("rabbitmqctl"):
+        queues = subprocess.run(["rabbitmqctl", "list_queues", "-q", "name"], capture_output=True, text=True,
+                                timeout=60).stdout.split()
+        assert not [q for q in queues if q.startswith(tag)]
+
+
+async def _databases(name: str) -> list:
+    conn = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/postgres")
+    try:
+        return await conn.fetch("SELECT datname FROM pg_database WHERE datname = $1", name)
+    finally:
+        await conn.close()
+
+
+def test_several_instances_are_refused_for_any_kind_but_production(tmp_path):
+    for kind in ("embedded", "synthetic"):
+        bad = tmp_path / f"{kind}.toml"
+        bad.write_text(f'[workload]\nkind = "{kind}"\ninstances = 2\n')
+        with pytest.raises(scenario.ScenarioError, match=r"workload\.instances = 2 needs kind = \"production\""):
+            scenario.load(str(bad))
+    done = bench(str(tmp_path / "embedded.toml"))
+    assert done.returncode == 2 and "workload.instances" in done.stderr
+    assert scenario.load("production_2x").workload.instances == 2
+    assert scenario.load("embedded").workload.instances == 1
+
+
+def test_instance_runs_merge_into_one_run():
+    def instance(finished: int, started: float, last_end: float, latencies: list[float], depth: list[int],
+                 util: list[float]) -> dict:
+        return {"label": "production #0", "orders": 4, "finished": finished, "stopped": "finished",
+                "ends": {"@done": finished}, "throughput": finished / (last_end - started),
+                "service_ms": {"allocate": 2.0}, "system": {"stages": {}}, "rss_peak_mb": 100.0,
+                "cpu_seconds": 1.5, "cpu_cores": 0.75,
+                "stages": {"allocate": {"depth_mean": 1.0, "depth_max": max(depth), "util_mean": util[0]}},
+                "series": {"t": [0.0, 0.1, 0.2][:len(depth)], "finished": [0, finished, finished][:len(depth)],
+                           "rss_mb": [90.0, 100.0, 100.0][:len(depth)], "cpu_s": [0.0, 1.0, 1.5][:len(depth)],
+                           "stages": {"allocate": {"depth": depth, "util": util, "busy_s": 0.1, "slots": 4}}},
+                "raw": {"latencies_s": latencies, "started": started, "last_end": last_end}}
+
+    a = instance(4, 10.0, 12.0, [0.1, 0.2, 0.3, 0.4], [3, 1, 0], [0.5, 0.25, 0.0])
+    b = instance(4, 10.5, 14.0, [0.5, 0.6, 0.7, 0.8], [2, 0], [0.75, 0.25])
+    b["service_ms"]["allocate"] = 4.0
+    run = harness.merge_instances([a, b], [0.0] * 8, "production", 2)
+    assert (run["orders"], run["finished"], run["ends"], run["instances"]) == (8, 8, {"@done": 8}, 2)
+    assert run["elapsed_s"] == 4.0 and run["throughput"] == 2.0  # first start to last end
+    assert run["instance_throughput"] == [2.0, 8 / 7] and run["instance_finished"] == [4, 4]
+    assert run["latency_ms"]["p50"] == 400.0 and run["latency_ms"]["max"] == 800.0
+    assert (run["rss_peak_mb"], run["cpu_seconds"], run["cpu_cores"]) == (200.0, 3.0, 1.5)
+    assert run["service_ms"] == {"allocate": 3.0}
+    assert run["stages"]["allocate"] == {"depth_mean": 2.0, "depth_max": 5, "util_mean": 0.625}
+    series = run["series"]
+    # b stopped sampling after two: it counts with its last totals (cpu 1.0) and an empty queue
+    assert series["t"] == [0.0, 0.1, 0.2] and series["finished"] == [0, 8, 8] and series["cpu_s"] == [0.0, 2.0, 2.5]
+    assert series["stages"]["allocate"]["depth"] == [5, 1, 0]
+    assert series["stages"]["allocate"]["util"] == [0.625, 0.25, 0.0]
+    assert "raw" not in run and "label" in run

@@ -84,6 +84,8 @@ class Daemon(PipelineView):
         self.app: Any = None
 
     async def open(self) -> None:
+        if self.backend is not None:
+            run_settings(self.scenario, {})  # a bad config key stops here, before there is a backend to remove
         services = self.services if self.backend is None else await self.backend.open()
         if self.instances > 1:  # the store's lease holder, the relay's claims and order-number blocks
             services = merge(services, {"daemon": {"instance_id": self.instance}})

@@ -37,8 +37,9 @@ DEFAULT_OUT = ROOT / "bench" / "out"
 NOOP_CONFIG = {"stage_defaults": {"io": {"pool": 32, "batch": 512, "queue": 2000},
                                   "cpu": {"pool": 1, "batch": 512, "queue": 2000}}}
 # Seconds an instance process may take to start and build its app (all wait for the slowest),
-# and to close it after its run, beyond the scenario's load.timeout.
-INSTANCE_SETUP, INSTANCE_CLOSE = 120.0, 120.0
+# and to close it after its run, beyond the scenario's load.timeout; then to exit once it sent
+# its run (or the parent gave up on it) before it is terminated.
+INSTANCE_SETUP, INSTANCE_CLOSE, INSTANCE_EXIT = 120.0, 120.0, 30.0
 
 
 class Harness:
@@ -119,6 +120,7 @@ class Harness:
     def _instances(self, n: int) -> dict[str, Any] | None:
         """N daemon processes on one backend, opened and removed here; their merged run, or
         None when no instance sent one (the run is then incomplete, with a note why)."""
+        run_settings(self.s, {})  # a bad config key stops here, before there is a backend to remove
         backend = Backend(self.s)
         services = strategies.run(backend.open)
         try:
@@ -132,7 +134,7 @@ class Harness:
         if not done:
             self.results["incomplete"].append(kind)
             return None
-        merged = merge_instances(done, self.offsets, kind)
+        merged = merge_instances(done, self.offsets, kind, n)
         if failed:
             merged["stopped"] = f"lost {len(failed)} of {n} instances"
         return merged
@@ -150,8 +152,8 @@ class Harness:
         runs: list[dict[str, Any] | None] = [None] * n
         failed: dict[int, str] = {}
         silent: set[int] = set()  # seen dead with no run sent: failed if still nothing after one more wait
-        timeout = self.s.load.timeout
-        deadline = time.monotonic() + INSTANCE_SETUP + timeout + INSTANCE_CLOSE if timeout else math.inf
+        allowed = INSTANCE_SETUP + self.s.load.timeout + INSTANCE_CLOSE
+        deadline = time.monotonic() + allowed if self.s.load.timeout else math.inf
         try:
             for p in procs:
                 p.start()
@@ -169,7 +171,7 @@ class Harness:
                         silent.add(i)
                     if time.monotonic() > deadline:
                         for i in pending:
-                            failed.setdefault(i, f"sent no run within {deadline - time.monotonic() + 0:.0f} s")
+                            failed.setdefault(i, f"sent no run within {allowed:.0f} s")
                         break
                     continue
                 if outcome == "ok":
@@ -181,7 +183,7 @@ class Harness:
             for p in procs:
                 if p.pid is None:
                     continue
-                p.join(timeout=INSTANCE_CLOSE if not failed else 10)
+                p.join(timeout=INSTANCE_EXIT)
                 if p.is_alive():
                     p.terminate()
                     p.join(timeout=10)
@@ -286,6 +288,8 @@ class Harness:
         u, beta = self.s.compare.advisor_utilisation, self.s.compare.advisor_headroom
         service = {k: v / 1000 for k, v in run["service_ms"].items()}
         rate, why = self._design_rate(run, service)
+        if run.get("instances", 1) > 1:  # each instance's pools take its share
+            rate, why = rate / run["instances"], f"{why}, shared by {run['instances']} instances"
         pools = advisor.propose(run["system"]["stages"], service, rate, u, beta)
         text = advisor.snippet(pools, rate, u, f"run {source} of scenario {self.s.name}", beta)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -324,6 +328,101 @@ class Harness:
                              if result["throughput"] else math.inf,
                              "cpu_ms_per_order": result["cpu_ms_per_order"]}
         self.results["comparisons"]["peers"] = out
+
+
+async def measure(s: Scenario, system: Any, offsets: list[float], *, progress: bool, label: str | None = None,
+                  raw: bool = False) -> dict[str, Any]:
+    """`strategies.measure` with the scenario's load settings."""
+    load = s.load
+    return await strategies.measure(system, offsets, batch=load.batch, interval=s.sample_interval,
+                                    timeout=load.timeout, stall=load.stall, progress=progress, label=label,
+                                    raw=raw)
+
+
+def run_instance(s: Scenario, services: dict[str, Any], i: int, n: int, offsets: list[float],
+                 barrier: Any, outbox: Any, progress: bool) -> None:
+    """Daemon instance i of n, in a spawned process: its run (with the raw figures the merge
+    needs) or why it failed, on `outbox` as (i, "ok" | "error", payload)."""
+    tune_gc()  # as the daemon does
+    try:
+        outbox.put((i, "ok", strategies.run(_instance_run, s, services, i, n, offsets, barrier, progress)))
+    except Exception as exc:  # reported by the parent, which still removes the backend
+        traceback.print_exc()
+        outbox.put((i, "error", f"{type(exc).__name__}: {exc}"))
+
+
+async def _instance_run(s: Scenario, services: dict[str, Any], i: int, n: int, offsets: list[float],
+                        barrier: Any, progress: bool) -> dict[str, Any]:
+    system = Daemon(s, services, instance=i, instances=n)
+    await system.open()
+    try:  # every instance's app is built before any load is driven
+        await anyio.to_thread.run_sync(barrier.wait, INSTANCE_SETUP)
+    except BaseException:
+        await system.close()
+        raise
+    return await measure(s, system, offsets, progress=progress, label=system.label, raw=True)
+
+
+def merge_instances(runs: list[dict[str, Any]], offsets: list[float], label: str, instances: int) -> dict[str, Any]:
+    """The instances' runs as one run over all `offsets`: counts, CPU and memory summed, latency
+    percentiles over every order, elapsed from the first start to the last end anywhere
+    (perf_counter is system-wide), per-stage service times and utilisation averaged, queue
+    depths those of the merged series (all instances' queues together)."""
+    raw = [r.pop("raw") for r in runs]
+    started = min(x["started"] for x in raw)
+    elapsed = max(1e-9, max(x["last_end"] for x in raw) - started)
+    finished = sum(r["finished"] for r in runs)
+    ends: Counter[str] = Counter()
+    for r in runs:
+        ends.update(r["ends"])
+    series = merge_series([r["series"] for r in runs])
+    stages = {}
+    for name in dict.fromkeys(k for r in runs for k in r["stages"]):
+        depth = series["stages"].get(name, {}).get("depth", [])  # queued in all instances at once
+        stages[name] = {"depth_mean": _average(depth, 3), "depth_max": max(depth, default=0),
+                        "util_mean": _average([r["stages"][name]["util_mean"] for r in runs if name in r["stages"]], 3)}
+    service = {name: _average([r["service_ms"][name] for r in runs if name in r["service_ms"]], 4)
+               for name in dict.fromkeys(k for r in runs for k in r["service_ms"])}
+    n = len(offsets)
+    return {"label": label, "orders": n, "finished": finished,
+            "stopped": next((r["stopped"] for r in runs if r["stopped"] != "finished"), "finished"),
+            "ends": dict(ends), "elapsed_s": round(elapsed, 3), "throughput": round(finished / elapsed, 1),
+            "offered_rate": round(n / offsets[-1], 1) if offsets and offsets[-1] > 0 else None,
+            "latency_ms": {k: round(v, 2) for k, v in percentiles([v for x in raw for v in x["latencies_s"]]).items()},
+            "service_ms": service, "system": runs[0]["system"],
+            "rss_peak_mb": round(sum(r["rss_peak_mb"] for r in runs), 1),
+            "cpu_seconds": round(sum(r["cpu_seconds"] for r in runs), 3),
+            "cpu_cores": round(sum(r["cpu_cores"] for r in runs), 2), "stages": stages,
+            "series": series, "instances": instances, "instance_throughput": [r["throughput"] for r in runs],
+            "instance_finished": [r["finished"] for r in runs]}
+
+
+def merge_series(series: list[dict[str, Any]]) -> dict[str, Any]:
+    """Samples merged by index (the instances sample at the same interval from one start): finished,
+    CPU and RSS summed, each stage's depth summed and utilisation averaged. Time is the longest
+    series' (the first's when all are alike); past its last sample an instance counts with its
+    last totals and an empty queue."""
+    longest = max(series, key=lambda x: len(x["t"]))
+    samples = range(len(longest["t"]))
+
+    def total(key: str, k: int) -> float:
+        return sum(x[key][min(k, len(x[key]) - 1)] for x in series if x[key])
+
+    out: dict[str, Any] = {"t": list(longest["t"]),
+                           "finished": [int(total("finished", k)) for k in samples],
+                           "rss_mb": [round(total("rss_mb", k), 1) for k in samples],
+                           "cpu_s": [round(total("cpu_s", k), 3) for k in samples], "stages": {}}
+    for name in longest["stages"]:
+        rows = [x["stages"][name] for x in series if name in x["stages"]]
+        out["stages"][name] = {
+            "depth": [sum(r["depth"][k] for r in rows if k < len(r["depth"])) for k in samples],
+            "util": [_average([r["util"][k] for r in rows if k < len(r["util"])], 3) for k in samples],
+            "busy_s": round(sum(r["busy_s"] for r in rows), 4), "slots": sum(r["slots"] for r in rows)}
+    return out
+
+
+def _average(values: list[float], digits: int) -> float:
+    return round(sum(values) / len(values), digits) if values else 0.0
 
 
 def pool_strategy_ratios(runs: dict[str, Any]) -> dict[str, Any]:

@@ -46,7 +46,11 @@ def markdown(r: dict[str, Any]) -> str:
             lines += [f"## {title}", "", *part(c[key], r), ""]
     name = main_run(r)
     if name and r["runs"][name].get("service_ms"):
-        lines += [f"## Stages of run `{name}`", "", *_stage_table(r["runs"][name]), ""]
+        run = r["runs"][name]
+        each = ([f"Pools and slots are each instance's; service time and utilisation the mean of the "
+                 f"{run['instances']} instances; queue depth their queues together.", ""]
+                if run.get("instances", 1) > 1 else [])
+        lines += [f"## Stages of run `{name}`", "", *each, *_stage_table(run), ""]
     if r["notes"]:
         lines += ["## Notes", "", *(f"- {n}" for n in r["notes"]), ""]
     if r.get("plots"):
@@ -58,7 +62,9 @@ def _load(s: dict[str, Any]) -> str:
     load = s["load"]
     n = round(load["rate"] * load["duration"]) if load["rate"] and load["duration"] else load["orders"]
     how = f"open loop, Poisson arrivals at {load['rate']:,.0f}/s" if load["rate"] else "one burst"
-    return f"{n:,} orders, {how}, seed {s['seed']}, workload `{s['workload']['kind']}`"
+    instances = s["workload"].get("instances", 1)
+    return (f"{n:,} orders, {how}, seed {s['seed']}, workload `{s['workload']['kind']}`"
+            + (f", {instances} daemon instances sharing its backend" if instances > 1 else ""))
 
 
 def _loads(values: Any) -> str:
@@ -81,6 +87,9 @@ def _runs_table(runs: dict[str, Any]) -> list[str]:
         lat = run.get("latency_ms", {})
         rounds = run.get("throughput_rounds", [])
         each = f" ({' / '.join(_num(t) for t in rounds)})" if len(rounds) > 1 else ""
+        if run.get("instances", 1) > 1:
+            name = (f"{name} ({run['instances']} instances: "
+                    f"{' + '.join(_num(t) for t in run['instance_throughput'])} orders/s)")
         rows.append(f"| {name} | {run['orders']:,} | {run['finished']:,} | {_num(run['throughput'])}{each} | "
                     f"{_num(lat.get('p50'))} | {_num(lat.get('p95'))} | {_num(lat.get('p99'))} | "
                     f"{_num(run.get('cpu_cores'), 2)} | {_num(run.get('cpu_ms_per_order'), 3)} | "
