@@ -74,6 +74,9 @@ def test_the_embedded_daemon_scenario_in_smoke_mode(tmp_path):
     assert run["finished"] == run["orders"] == 200
     assert sum(run["ends"].values()) == 200
     assert run["system"]["store"].startswith("sqlite:///")
+    # the relay published every event and command before the run ended: a rate with them out
+    assert run["outbox_left_at_end"] >= 0 and run["outbox_drained_s"] >= 0
+    assert 0 < run["throughput_drained"] <= run["throughput"]
     assert set(run["service_ms"]) >= {"risk_check", "allocate", "dispatch_wms"}
     assert "[stages." in results["comparisons"]["advisor"]["snippet"]
     assert "## Stages of run `embedded`" in (tmp_path / "summary.md").read_text()
@@ -134,6 +137,7 @@ def test_two_production_instances_in_smoke_mode_share_one_backend_and_remove_it(
     assert RUN_FIELDS <= set(run)
     assert run["finished"] == run["orders"] == 200 and sum(run["ends"].values()) == 200
     assert run["instances"] == 2 and len(run["instance_throughput"]) == 2
+    assert run["outbox_left_at_end"] >= 0 and 0 < run["throughput_drained"] <= run["throughput"]
     assert all(t > 0 for t in run["instance_throughput"]) and run["instance_finished"] == [100, 100]
     series = run["series"]
     assert len(series["t"]) == len(series["finished"]) == len(series["cpu_s"]) > 1
@@ -182,7 +186,8 @@ def test_instance_runs_merge_into_one_run():
                 "series": {"t": [0.0, 0.1, 0.2][:len(depth)], "finished": [0, finished, finished][:len(depth)],
                            "rss_mb": [90.0, 100.0, 100.0][:len(depth)], "cpu_s": [0.0, 1.0, 1.5][:len(depth)],
                            "stages": {"allocate": {"depth": depth, "util": util, "busy_s": 0.1, "slots": 4}}},
-                "raw": {"latencies_s": latencies, "started": started, "last_end": last_end}}
+                "outbox_left_at_end": 10, "raw": {"latencies_s": latencies, "started": started,
+                                                  "last_end": last_end, "drained": last_end + 1.0}}
 
     a = instance(4, 10.0, 12.0, [0.1, 0.2, 0.3, 0.4], [3, 1, 0], [0.5, 0.25, 0.0])
     b = instance(4, 10.5, 14.0, [0.5, 0.6, 0.7, 0.8], [2, 0], [0.75, 0.25])
@@ -190,6 +195,7 @@ def test_instance_runs_merge_into_one_run():
     run = harness.merge_instances([a, b], [0.0] * 8, "production", 2)
     assert (run["orders"], run["finished"], run["ends"], run["instances"]) == (8, 8, {"@done": 8}, 2)
     assert run["elapsed_s"] == 4.0 and run["throughput"] == 2.0  # first start to last end
+    assert run["outbox_drained_s"] == 1.0 and run["throughput_drained"] == 1.6  # ... to the outbox empty
     assert run["instance_throughput"] == [2.0, 8 / 7] and run["instance_finished"] == [4, 4]
     assert run["latency_ms"]["p50"] == 400.0 and run["latency_ms"]["max"] == 800.0
     assert (run["rss_peak_mb"], run["cpu_seconds"], run["cpu_cores"]) == (200.0, 3.0, 1.5)

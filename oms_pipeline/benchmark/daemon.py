@@ -112,6 +112,10 @@ class Daemon(PipelineView):
             if created.refused:
                 self.recorder.end(request["external_id"], "refused")
 
+    async def outbox_pending(self) -> int:
+        """Outbox rows the relay has not published yet (all instances share one outbox)."""
+        return await self.app.pipeline.store.outbox_pending()
+
     def describe(self) -> dict[str, Any]:
         s = self.settings
         return {**super().describe(), "store": _redact(s.store.url), "broker": _redact(s.broker.url),

@@ -384,7 +384,13 @@ def merge_instances(runs: list[dict[str, Any]], offsets: list[float], label: str
     service = {name: _average([r["service_ms"][name] for r in runs if name in r["service_ms"]], 4)
                for name in dict.fromkeys(k for r in runs for k in r["service_ms"])}
     n = len(offsets)
-    return {"label": label, "orders": n, "finished": finished,
+    outbox: dict[str, Any] = {}
+    if all(x.get("drained") for x in raw):  # every instance saw the shared outbox empty
+        drained = max(x["drained"] for x in raw)
+        outbox = {"outbox_left_at_end": max(r["outbox_left_at_end"] for r in runs),
+                  "outbox_drained_s": round(max(0.0, drained - started - elapsed), 3),
+                  "throughput_drained": round(finished / max(1e-9, drained - started), 1)}
+    return {"label": label, "orders": n, "finished": finished, **outbox,
             "stopped": next((r["stopped"] for r in runs if r["stopped"] != "finished"), "finished"),
             "ends": dict(ends), "elapsed_s": round(elapsed, 3), "throughput": round(finished / elapsed, 1),
             "offered_rate": round(n / offsets[-1], 1) if offsets and offsets[-1] > 0 else None,

@@ -79,8 +79,11 @@ def _num(v: Any, digits: int = 1) -> str:
 
 def _runs_table(runs: dict[str, Any]) -> list[str]:
     rows = ["## Runs", "", "Orders/s of a repeated run is its median round (every round in brackets).", "",
+            "Outbox: the rows not yet published when the last order ended, and the seconds until the "
+            "relay had published them all; orders/s with the outbox drained counts until then.", "",
             "| run | orders | ended | orders/s | p50 ms | p95 ms | p99 ms | CPU cores | "
-            "CPU ms/order | peak RSS MB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "CPU ms/order | peak RSS MB | outbox left | drained after s | orders/s, outbox drained |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, run in runs.items():
         if "skipped" in run:
             continue
@@ -93,7 +96,8 @@ def _runs_table(runs: dict[str, Any]) -> list[str]:
         rows.append(f"| {name} | {run['orders']:,} | {run['finished']:,} | {_num(run['throughput'])}{each} | "
                     f"{_num(lat.get('p50'))} | {_num(lat.get('p95'))} | {_num(lat.get('p99'))} | "
                     f"{_num(run.get('cpu_cores'), 2)} | {_num(run.get('cpu_ms_per_order'), 3)} | "
-                    f"{_num(run.get('rss_peak_mb'))} |")
+                    f"{_num(run.get('rss_peak_mb'))} | {_num(run.get('outbox_left_at_end'), 0)} | "
+                    f"{_num(run.get('outbox_drained_s'), 2)} | {_num(run.get('throughput_drained'))} |")
     return rows + [""]
 
 

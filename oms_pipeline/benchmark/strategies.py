@@ -249,10 +249,14 @@ async def measure(system: System, offsets: list[float], *, batch: int, interval:
         tg.start_soon(bar.run)
         await driver.run(lambda first, end: system.submit(first, end, driver.scheduled_at))
         stopped = await _wait_finished(recorder, n, driver.started, timeout, stall, system)
+        outbox = await _wait_outbox(system, driver.started, timeout) if stopped == "finished" else {}
         sampler.sample()
         tg.cancel_scope.cancel()
     await system.close()
     elapsed = max(1e-9, recorder.last_end - driver.started)
+    if "drained" in outbox:
+        outbox["outbox_drained_s"] = round(max(0.0, outbox["drained"] - recorder.last_end), 3)
+        outbox["throughput_drained"] = round(recorder.finished / max(1e-9, outbox["drained"] - driver.started), 1)
     return {"label": label or system.label, "orders": n, "finished": recorder.finished,
             "stopped": stopped, "ends": dict(recorder.ends), "elapsed_s": round(elapsed, 3),
             "throughput": round(recorder.finished / elapsed, 1),
@@ -260,8 +264,25 @@ async def measure(system: System, offsets: list[float], *, batch: int, interval:
             "latency_ms": {k: round(v, 2) for k, v in percentiles(recorder.latencies).items()},
             "service_ms": {k: round(v * 1000, 4) for k, v in system.service_times().items()},
             "system": system.describe(), **sampler.summary(), "series": sampler.series,
+            **{k: v for k, v in outbox.items() if k != "drained"},
             **({"raw": {"latencies_s": recorder.latencies, "started": driver.started,
-                        "last_end": recorder.last_end}} if raw else {})}
+                        "last_end": recorder.last_end, "drained": outbox.get("drained")}} if raw else {})}
+
+
+async def _wait_outbox(system: System, started: float, timeout: float) -> dict[str, Any]:
+    """For a system with an outbox (the daemon): the rows not yet published when the last order
+    ended, and when the relay had published them all (perf_counter), so a run's rate can include
+    its events and commands going out, not only its orders ending."""
+    pending = getattr(system, "outbox_pending", None)
+    if pending is None:
+        return {}
+    left = remaining = await pending()
+    while remaining:
+        if timeout and time.perf_counter() - started > timeout:
+            return {"outbox_left_at_end": left}
+        await anyio.sleep(0.05)
+        remaining = await pending()
+    return {"outbox_left_at_end": left, "drained": time.perf_counter()}
 
 
 async def _wait_finished(recorder: Recorder, n: int, started: float, timeout: float, stall: float,
