@@ -75,7 +75,7 @@ async def timed(args, store, prefix: str) -> None:
     await fill(store, args.orders)
     rows = await store.outbox_pending()
     settings = config.from_mapping({"relay": {"batch": args.batch, "lanes": args.lanes, "idle_sleep": 0.01}}).relay
-    publisher = RabbitPublisher(URL, prefix=prefix)
+    publisher = RabbitPublisher(URL, prefix=prefix, events_per_message=args.events_per_message)
     await publisher.open()
     log = EffectLog(retain=False)
     await log.open()
@@ -100,7 +100,8 @@ async def timed(args, store, prefix: str) -> None:
         if consumer is not None:
             await consumer.close()
     left = await store.outbox_pending()
-    line = (f"store={args.store} orders={args.orders} rows={rows} batch={args.batch} lanes={args.lanes} relayed in {relayed:.2f}s "
+    line = (f"store={args.store} orders={args.orders} rows={rows} batch={args.batch} lanes={args.lanes} "
+            f"events_per_message={args.events_per_message} relayed in {relayed:.2f}s "
             f"= {rows / relayed:,.0f} rows/s, process CPU {cpu / relayed:.0%} of a core (left {left})")
     if consumer is not None:
         line += f"; {args.orders} commands applied downstream in {applied:.2f}s = {args.orders / applied:,.0f}/s"
@@ -148,5 +149,6 @@ if __name__ == "__main__":
     ap.add_argument("--store", choices=("memory", "postgres"), default="memory")
     ap.add_argument("--batch", type=int, default=500)
     ap.add_argument("--lanes", type=int, default=2)
+    ap.add_argument("--events-per-message", type=int, default=100, help="relay.events_per_message (1: one each)")
     ap.add_argument("--downstream", action="store_true", help="also run the downstream consumer, time until applied")
     anyio.run(main, ap.parse_args(), backend_options={"use_uvloop": True})
