@@ -147,13 +147,15 @@ def _derived_values(order: Order) -> dict[str, str | bool]:
     }
 
 
+# derive() writes _derived_values() in order: FLAGS holds positions 1..N in order, and so does
+# that dict (tests/test_flags.py checks both).
+_RESERVED = OFF * (WIDTH - len(FLAGS))
+
+
 def derive(order: Order) -> str:
     """The flag string for an order at intake, computed from its fields only."""
-    chars = list(blank())
-    for name, v in _derived_values(order).items():
-        char = ("1" if v else OFF) if isinstance(v, bool) else v
-        chars[_BY_NAME[name].position - 1] = char
-    return "".join(chars)
+    return "".join([("1" if v else OFF) if v.__class__ is bool else v
+                    for v in _derived_values(order).values()]) + _RESERVED
 
 
 def markdown_table() -> str:

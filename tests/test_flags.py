@@ -125,3 +125,16 @@ def test_markdown_table_has_a_row_per_flag():
     assert table.startswith("| Pos | Name |")
     for spec in flags.FLAGS:
         assert f"| {spec.position} | `{spec.name}` |" in table
+
+
+def test_derive_writes_every_derived_value_at_its_own_position():
+    from oms_pipeline.generator import generate, to_order
+    assert [spec.position for spec in flags.FLAGS] == list(range(1, len(flags.FLAGS) + 1))
+    for i, request in enumerate(generate(300, 11)):
+        order = to_order(request, f"N{i:017d}", 1.7e9)
+        expected = flags.blank()
+        values = flags._derived_values(order)
+        assert list(values) == [spec.name for spec in flags.FLAGS]
+        for name, v in values.items():
+            expected = flags.set_flag(expected, name, ("1" if v else flags.OFF) if isinstance(v, bool) else v)
+        assert flags.derive(order) == expected

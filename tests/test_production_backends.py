@@ -11,6 +11,7 @@ import redis
 from tests.conftest import require_service
 from tests.support.daemon import ROOT, Daemon, write_config
 from tests.support.postgres import fresh_postgres_database
+from tests.support.rabbitmq import delete_topology
 from tests.test_daemon_lifecycle import plain_orders, wait_all_terminal
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
@@ -90,20 +91,4 @@ timeout = 2.0
         assert [s for no, s in states.items() if no != paid["order_no"]] == ["cancelled"] * 5
     finally:
         d.stop()
-        await _delete_topology(prefix)
-
-
-async def _delete_topology(prefix: str) -> None:
-    import aio_pika
-    connection = await aio_pika.connect("amqp://guest:guest@127.0.0.1:5672/")
-    try:
-        channel = await connection.channel()
-        for tier in ("0.5s", "1s"):
-            await channel.queue_delete(f"{prefix}.delay.{tier}")
-        await channel.queue_delete(f"{prefix}.timers.due")
-        for queue in (f"{prefix}.downstream", f"{prefix}.downstream.dead"):  # the outbox's commands
-            await channel.queue_delete(queue)
-        for exchange in (f"{prefix}.delay", f"{prefix}.due", f"{prefix}.events"):
-            await channel.exchange_delete(exchange)
-    finally:
-        await connection.close()
+        await delete_topology(prefix)  # every queue under the prefix: tiers, intake, outbox
