@@ -28,8 +28,8 @@ undeliverable. Events are broadcasts: with `relay.mandatory_events = false`
 and confirmed; set it true when every event must reach a bound queue.
 
 A whole batch is in flight at once (one coroutine per message awaiting its
-confirm), written to the socket in one turn of the event loop. Rows sharing a message id (a command written again
-by a replayed stage) go out once. `connect_robust` reconnects by itself; a
+confirm), written to the socket in one turn of the event loop. Rows sharing
+a message id (a command written again by a replayed stage) go out once. `connect_robust` reconnects by itself; a
 publish during the outage fails and the relay retries the batch later.
 """
 from __future__ import annotations

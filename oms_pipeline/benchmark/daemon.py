@@ -68,8 +68,8 @@ class Daemon(PipelineView):
     """An App built as the daemon builds it, fed through its intake.
 
     Alone it opens and closes its own `Backend`. One of several instances gets the run's
-    `services` (the parent's Backend), its own `daemon.instance_id`, and every `instances`-th
-    order of the seeded sequence starting at `instance`."""
+    `services` (the parent's Backend), its own `daemon.instance_id`, and its share of the
+    orders (as many as its arrivals) drawn from a seed of its own."""
 
     def __init__(self, scenario: Scenario, services: dict[str, Any] | None = None, *, instance: int = 0,
                  instances: int = 1) -> None:
@@ -92,8 +92,12 @@ class Daemon(PipelineView):
         self.settings = run_settings(self.scenario, services)
         self.app = await app_module.build(self.settings)
         self.pipeline = self.app.pipeline
-        self.requests = islice(generate(self.scenario.load.count(), self.scenario.seed), self.instance, None,
-                               self.instances)
+        # One of several instances draws its own share from a seed of its own (the same mix; the
+        # external ids carry the seed, so no two instances make the same order), rather than
+        # generating everyone's orders and dropping the others'.
+        count, n = self.scenario.load.count(), self.instances
+        self.requests = (generate(count, self.scenario.seed) if n == 1 else
+                         generate(len(range(self.instance, count, n)), self.scenario.seed * 1000 + self.instance))
 
     async def start(self, tg: anyio.abc.TaskGroup, recorder: Recorder) -> None:
         self.recorder = recorder
