@@ -117,7 +117,8 @@ class PipelineCollector(Collector):
             for outcome, n in w.stats.processed.items():
                 processed.add_metric([w.name, outcome], n)
         yield processed
-        latency = HistogramMetricFamily("oms_stage_handler_seconds", "Handler time per order (averaged over each batch).",
+        latency = HistogramMetricFamily("oms_stage_handler_seconds",
+                                        "Slot time per order: a batch's handling time divided by its orders.",
                                         labels=["stage"])
         for w in workers:
             latency.add_metric([w.name], w.stats.latency.buckets(), w.stats.latency.sum)
