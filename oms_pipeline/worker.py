@@ -155,15 +155,16 @@ class StageWorker:
                     result = done.value  # finished without waiting: no timer, no task switch
                 else:
                     waiting.append((i, coro, first))
-                    result = None
+                    outcomes.append(None)  # filled in below
+                    continue
             except Exception as exc:  # noqa: BLE001 - a handler failure never kills the worker
                 result = self._failed(exc)
-            outcomes.append(result)
+            outcomes.append(result if type(result) is Outcome else _not_outcome(result, self.name))
         if waiting:
             for i, result in await self._wait_all(waiting):
-                outcomes[i] = result
+                outcomes[i] = result if type(result) is Outcome else _not_outcome(result, self.name)
         self._waits = 0.8 * self._waits + 0.2 * (len(waiting) / len(batch))
-        return [r if type(r) is Outcome else _not_outcome(r, self.name) for r in outcomes]
+        return outcomes
 
     async def _wait_all(self, waiting: list[tuple[int, Any, Any]]) -> list[tuple[int, Any]]:
         """Resume the handlers that waited, side by side. They all started together, so one
@@ -181,8 +182,8 @@ class StageWorker:
             for task in pending:
                 task.cancel()
             await asyncio.wait(pending)
-        timed_out = self._failed(TimeoutError())
-        return [(i, timed_out if task.cancelled() else task.result()) for (i, _, _), task in zip(waiting, tasks)]
+        return [(i, self._failed(TimeoutError()) if task.cancelled() else task.result())
+                for (i, _, _), task in zip(waiting, tasks)]
 
     async def _finish(self, coro, first) -> Any:
         """Carry on a handler that waited; a failure becomes its outcome."""

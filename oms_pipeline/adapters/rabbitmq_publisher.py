@@ -29,14 +29,16 @@ and confirmed; set it true when every event must reach a bound queue.
 
 A whole batch is in flight at once (one coroutine per message awaiting its
 confirm), written to the socket in one turn of the event loop. Rows sharing
-a message id (a command written again by a replayed stage) go out once. `connect_robust` reconnects by itself; a
-publish during the outage fails and the relay retries the batch later.
+a message id (a command written again by a replayed stage) go out once.
+`connect_robust` reconnects by itself; a publish during the outage fails and
+the relay retries the batch later.
 """
 from __future__ import annotations
 
 import asyncio
 
 import aio_pika
+import aiormq
 import orjson
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, ChannelPreconditionFailed, DeliveryError, PublishError
 
@@ -99,16 +101,28 @@ class RabbitPublisher(Connected):
 
     async def publish(self, rows: list[OutboxRow]) -> list[Failed]:
         units = self._units(rows)
-        results = await asyncio.gather(*(self._publish_unit(unit) for unit in units), return_exceptions=True)
+        # aiormq holds the channel's lock across the socket write when `wait` is true, so a batch
+        # would go out one loop turn per message; not waiting for the write, the whole batch goes
+        # out in one turn, each message still waiting for its confirm (a return raises PublishError).
+        channel = await self._exchange.channel.get_underlay_channel()
+        results = await asyncio.gather(*(channel.basic_publish(
+            body, exchange=self.exchange_name, routing_key=unit[0][0].topic, properties=properties,
+            mandatory=self._mandatory_events or not is_event(unit[0][0]), timeout=self._confirm_timeout,
+            wait=False) for unit, (body, properties) in zip(units, map(self._message, units))),
+            return_exceptions=True)
         failed: list[Failed] = []
         for unit, result in zip(units, results):
-            if result is not None:
+            if isinstance(result, BaseException):
                 reason, undeliverable = self._explain(unit[0][0], result)
                 failed.extend(Failed(row, reason, undeliverable) for group in unit for row in group)
         if results and all(_transport_failure(r) for r in results):
             # The connection is down: the relay waits as a whole instead of holding back every row.
             raise PublisherUnavailable(failed[0].reason)
         return failed
+
+    def _packs(self, row: OutboxRow) -> bool:
+        """Whether the row travels in a pack of events."""
+        return self._per_message > 1 and is_event(row)
 
     def _units(self, rows: list[OutboxRow]) -> list[list[list[OutboxRow]]]:
         """What goes out as one message: rows sharing a message id go once (a group); a command is a
@@ -119,7 +133,7 @@ class RabbitPublisher(Connected):
         units: list[list[list[OutboxRow]]] = []
         events: dict[str, list[list[OutboxRow]]] = {}
         for group in groups.values():
-            if self._per_message > 1 and is_event(group[0]):
+            if self._packs(group[0]):
                 events.setdefault(group[0].topic, []).append(group)
             else:
                 units.append([group])
@@ -128,9 +142,10 @@ class RabbitPublisher(Connected):
             units.extend(same_topic[i:i + n] for i in range(0, len(same_topic), n))
         return units
 
-    async def _publish_unit(self, unit: list[list[OutboxRow]]) -> None:
+    def _message(self, unit: list[list[OutboxRow]]) -> tuple[bytes, aiormq.spec.Basic.Properties]:
+        """The body and properties of the message that carries `unit`."""
         first = unit[0][0]
-        if self._per_message > 1 and is_event(first):
+        if self._packs(first):
             rows = [group[0] for group in unit]
             body = orjson.dumps([{"message_id": message_id(r), "order_no": r.order_no, "at": r.at,
                                   "event": orjson.Fragment(r.payload)} for r in rows])
@@ -140,16 +155,7 @@ class RabbitPublisher(Connected):
         message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                                    content_type="application/json", message_id=mid, type=first.topic,
                                    timestamp=first.at, headers=headers)
-        await self._send(first.topic, message, self._mandatory_events or not is_event(first))
-
-    async def _send(self, topic: str, message: aio_pika.Message, mandatory: bool) -> None:
-        # aiormq's channel lock is held across the socket write when `wait` is true: a batch's
-        # messages would then go out one loop turn after another. Not waiting for the write, they
-        # go out together; each still waits for its confirm (or raises PublishError when returned).
-        channel = await self._exchange.channel.get_underlay_channel()
-        await channel.basic_publish(message.body, exchange=self.exchange_name, routing_key=topic,
-                                    properties=message.properties, mandatory=mandatory,
-                                    timeout=self._confirm_timeout, wait=False)
+        return body, message.properties
 
     def _explain(self, row: OutboxRow, error: BaseException) -> tuple[str, bool]:
         """(reason, undeliverable) of a failed publish."""

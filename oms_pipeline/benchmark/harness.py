@@ -29,7 +29,7 @@ from ..daemon import tune_gc
 from . import advisor, peers, report, strategies, synthetic
 from .daemon import Backend, Daemon, run_settings
 from .load import arrivals
-from .probe import percentiles
+from .probe import mean, percentiles
 from .scenario import ROOT, Scenario, merge, to_dict
 
 DEFAULT_OUT = ROOT / "bench" / "out"
@@ -379,18 +379,17 @@ def merge_instances(runs: list[dict[str, Any]], offsets: list[float], label: str
     stages = {}
     for name in dict.fromkeys(k for r in runs for k in r["stages"]):
         depth = series["stages"].get(name, {}).get("depth", [])  # queued in all instances at once
-        stages[name] = {"depth_mean": _average(depth, 3), "depth_max": max(depth, default=0),
-                        "util_mean": _average([r["stages"][name]["util_mean"] for r in runs if name in r["stages"]], 3)}
-    service = {name: _average([r["service_ms"][name] for r in runs if name in r["service_ms"]], 4)
+        stages[name] = {"depth_mean": mean(depth), "depth_max": max(depth, default=0),
+                        "util_mean": mean([r["stages"][name]["util_mean"] for r in runs if name in r["stages"]])}
+    service = {name: mean([r["service_ms"][name] for r in runs if name in r["service_ms"]], 4)
                for name in dict.fromkeys(k for r in runs for k in r["service_ms"])}
     n = len(offsets)
     outbox: dict[str, Any] = {}
-    if all(x.get("drained") for x in raw):  # every instance saw the shared outbox empty
-        drained = max(x["drained"] for x in raw)
+    if all("outbox_left_at_end" in r for r in runs):  # the outbox is shared: drained once all saw it empty
         outbox = {"outbox_left_at_end": max(r["outbox_left_at_end"] for r in runs),
-                  "outbox_drained_s": round(max(0.0, drained - started - elapsed), 3),
-                  "throughput_drained": round(finished / max(1e-9, drained - started), 1)}
-    return {"label": label, "orders": n, "finished": finished, **outbox,
+                  "drained": max(x["drained"] for x in raw) if all(x.get("drained") for x in raw) else None}
+    return {"label": label, "orders": n, "finished": finished,
+            **strategies.outbox_figures(finished, started, started + elapsed, outbox),
             "stopped": next((r["stopped"] for r in runs if r["stopped"] != "finished"), "finished"),
             "ends": dict(ends), "elapsed_s": round(elapsed, 3), "throughput": round(finished / elapsed, 1),
             "offered_rate": round(n / offsets[-1], 1) if offsets and offsets[-1] > 0 else None,
@@ -422,13 +421,9 @@ def merge_series(series: list[dict[str, Any]]) -> dict[str, Any]:
         rows = [x["stages"][name] for x in series if name in x["stages"]]
         out["stages"][name] = {
             "depth": [sum(r["depth"][k] for r in rows if k < len(r["depth"])) for k in samples],
-            "util": [_average([r["util"][k] for r in rows if k < len(r["util"])], 3) for k in samples],
+            "util": [mean([r["util"][k] for r in rows if k < len(r["util"])]) for k in samples],
             "busy_s": round(sum(r["busy_s"] for r in rows), 4), "slots": sum(r["slots"] for r in rows)}
     return out
-
-
-def _average(values: list[float], digits: int) -> float:
-    return round(sum(values) / len(values), digits) if values else 0.0
 
 
 def pool_strategy_ratios(runs: dict[str, Any]) -> dict[str, Any]:

@@ -143,7 +143,7 @@ class Sampler:
         s = self.series
         wall = s["t"][-1] if s["t"] else 0.0
         cpu = s["cpu_s"][-1] if s["cpu_s"] else 0.0
-        stages = {name: {"depth_mean": _mean(row["depth"]), "depth_max": max(row["depth"], default=0),
+        stages = {name: {"depth_mean": mean(row["depth"]), "depth_max": max(row["depth"], default=0),
                          "util_mean": round(min(1.0, row["busy_s"] / (wall * row["slots"])), 3)
                          if wall and row["slots"] else 0.0}
                   for name, row in s["stages"].items()}
@@ -151,5 +151,5 @@ class Sampler:
                 "cpu_cores": round(cpu / wall, 2) if wall else 0.0, "stages": stages}
 
 
-def _mean(values: list[float]) -> float:
-    return round(sum(values) / len(values), 3) if values else 0.0
+def mean(values: list[float], digits: int = 3) -> float:
+    return round(sum(values) / len(values), digits) if values else 0.0

@@ -254,9 +254,6 @@ async def measure(system: System, offsets: list[float], *, batch: int, interval:
         tg.cancel_scope.cancel()
     await system.close()
     elapsed = max(1e-9, recorder.last_end - driver.started)
-    if "drained" in outbox:
-        outbox["outbox_drained_s"] = round(max(0.0, outbox["drained"] - recorder.last_end), 3)
-        outbox["throughput_drained"] = round(recorder.finished / max(1e-9, outbox["drained"] - driver.started), 1)
     return {"label": label or system.label, "orders": n, "finished": recorder.finished,
             "stopped": stopped, "ends": dict(recorder.ends), "elapsed_s": round(elapsed, 3),
             "throughput": round(recorder.finished / elapsed, 1),
@@ -264,9 +261,22 @@ async def measure(system: System, offsets: list[float], *, batch: int, interval:
             "latency_ms": {k: round(v, 2) for k, v in percentiles(recorder.latencies).items()},
             "service_ms": {k: round(v * 1000, 4) for k, v in system.service_times().items()},
             "system": system.describe(), **sampler.summary(), "series": sampler.series,
-            **{k: v for k, v in outbox.items() if k != "drained"},
+            **outbox_figures(recorder.finished, driver.started, recorder.last_end, outbox),
             **({"raw": {"latencies_s": recorder.latencies, "started": driver.started,
                         "last_end": recorder.last_end, "drained": outbox.get("drained")}} if raw else {})}
+
+
+def outbox_figures(finished: int, started: float, last_end: float, outbox: dict[str, Any]) -> dict[str, Any]:
+    """The rows left when the last order ended and, once the outbox drained (perf_counter time
+    `outbox["drained"]`), the seconds that took and orders/s counted until then."""
+    if "outbox_left_at_end" not in outbox:
+        return {}
+    out = {"outbox_left_at_end": outbox["outbox_left_at_end"]}
+    drained = outbox.get("drained")
+    if drained:
+        out["outbox_drained_s"] = round(max(0.0, drained - last_end), 3)
+        out["throughput_drained"] = round(finished / max(1e-9, drained - started), 1)
+    return out
 
 
 async def _wait_outbox(system: System, started: float, timeout: float) -> dict[str, Any]:
