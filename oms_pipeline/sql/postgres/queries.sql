@@ -1,6 +1,8 @@
 -- Named queries of the PostgreSQL store (oms_pipeline/adapters/postgres_store.py).
 -- Writes are set-based: one statement per kind of row for a whole group
--- commit, the rows passed as parallel arrays and expanded with unnest.
+-- commit, the rows passed as parallel arrays and expanded with unnest. The
+-- append-only rows (stage history, order events, outbox) go by COPY instead
+-- (postgres_store.APPENDS).
 
 -- name: migration_lock
 -- Held until the end of the migration's transaction: two instances starting
@@ -101,22 +103,6 @@ FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::float
 WHERE o.order_no = c.order_no AND o.state = c.expect
 RETURNING o.order_no;
 
--- name: add_history
--- ORDER BY the array position: the identity column then keeps an order's
--- entries in the order they were made.
-INSERT INTO stage_history (order_no, stage, outcome, reason, at, trail)
-SELECT h.order_no, h.stage, h.outcome, h.reason, h.at, h.trail
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::float8[], $6::bytea[])
-     WITH ORDINALITY AS h(order_no, stage, outcome, reason, at, trail, position)
-ORDER BY h.position;
-
--- name: add_events
-INSERT INTO order_events (order_no, from_status, to_status, at)
-SELECT e.order_no, e.from_status, e.to_status, e.at
-FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[])
-     WITH ORDINALITY AS e(order_no, from_status, to_status, at, position)
-ORDER BY e.position;
-
 -- name: next_block
 -- $2 is the block size + 1; returns the number after the block.
 INSERT INTO sequences (name, next) VALUES ($1, $2)
@@ -164,13 +150,6 @@ WHERE ($1::text = '' OR member_id = $1::text)
   AND ($3::text = '' OR state = $3::text)
   AND order_no > $4
 ORDER BY order_no LIMIT $5;
-
--- name: add_outbox
-INSERT INTO outbox (order_no, topic, key, payload, at)
-SELECT x.order_no, x.topic, x.key, x.payload, x.at
-FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::float8[])
-     WITH ORDINALITY AS x(order_no, topic, key, payload, at, position)
-ORDER BY x.position;
 
 -- name: outbox_claim
 -- Unpublished rows not claimed by another relay since $3 (its lease); SKIP
