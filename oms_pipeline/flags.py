@@ -114,35 +114,36 @@ def names(flags: str) -> frozenset[str]:
     return frozenset(describe(flags))
 
 
-def _sku_has_prefix(order: Order, prefixes: tuple[str, ...]) -> bool:
-    return any(line.sku.startswith(prefixes) for line in order.lines)
-
-
-def _cold_chain(order: Order) -> str:
-    # Frozen needs the colder truck, so it wins over chilled.
-    return max((_COLD.get(line.zone, OFF) for line in order.lines), default=OFF)
-
-
 def _derived_values(order: Order) -> dict[str, str | bool]:
+    # The line facts in one pass over the lines (derive runs at intake and for every split child).
     lines = order.lines
+    virtual, gift, bulky, cross_border, drop_ship, cold, goods = bool(lines), False, False, False, False, OFF, 0
+    for line in lines:
+        virtual = virtual and line.virtual
+        gift = gift or line.gift_of is not None
+        bulky = bulky or line.sku.startswith(BULKY_SKU_PREFIXES)
+        cross_border = cross_border or line.sku.startswith(CROSS_BORDER_SKU_PREFIXES)
+        drop_ship = drop_ship or bool(line.supplier)
+        cold = max(cold, _COLD.get(line.zone, OFF))  # frozen needs the colder truck: it wins over chilled
+        goods += line.qty * line.unit_price
     return {
         "presale": order.presale,
         "cod": order.payment_method == "cod",
-        "virtual": bool(lines) and all(line.virtual for line in lines),
-        "gift": any(line.gift_of is not None for line in lines),
+        "virtual": virtual,
+        "gift": gift,
         "o2o_pickup": bool(order.consignee.pickup_point),
-        "bulky": _sku_has_prefix(order, BULKY_SKU_PREFIXES),
-        "valuable": order.goods >= VALUABLE_GOODS,
+        "bulky": bulky,
+        "valuable": goods >= VALUABLE_GOODS,
         "reissue": order.kind == "reissue",
         "exchange": order.kind == "exchange",
-        "cross_border": _sku_has_prefix(order, CROSS_BORDER_SKU_PREFIXES),
-        "drop_ship": any(line.supplier for line in lines),
+        "cross_border": cross_border,
+        "drop_ship": drop_ship,
         "invoice": bool(order.invoice_title),
         "pullback": order.kind == "pullback",
         "mixed_payment": order.payment_method == "mixed",
         "third_party": order.kind == "third_party",
         "remark": bool(order.remark.strip()),
-        "cold_chain": _cold_chain(order),
+        "cold_chain": cold,
         "promise": _PROMISE.get(order.delivery_promise, OFF),
     }
 
