@@ -82,6 +82,16 @@ def test_the_embedded_daemon_scenario_in_smoke_mode(tmp_path):
     assert "## Stages of run `embedded`" in (tmp_path / "summary.md").read_text()
 
 
+def test_the_in_memory_daemon_scenario_in_smoke_mode(tmp_path):
+    done = bench("memory", "--smoke", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    run = json.loads((tmp_path / "results.json").read_text())["runs"]["memory"]
+    assert run["finished"] == run["orders"] == 200 == sum(run["ends"].values())
+    assert run["system"]["store"] == "memory://"
+    assert 0 < run["throughput_drained"] <= run["throughput"]
+    assert "## Stages of run `memory`" in (tmp_path / "summary.md").read_text()
+
+
 def test_the_plain_entry_runs_the_same_code(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "harness.py"), "--list"], capture_output=True,
                           text=True, timeout=60)

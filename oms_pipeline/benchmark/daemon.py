@@ -1,7 +1,8 @@
 """The daemon's own composition (oms_pipeline/app.py) under load: the 16 real
 stages, intake with stock reservations, the simulated downstream systems,
-on the embedded default (SQLite, in-process timers and counters) or on the
-production backends (PostgreSQL, RabbitMQ timers, Redis coordination).
+on the in-memory store (nothing durable: the stages' own cost), the embedded
+default (SQLite, in-process timers and counters) or the production backends
+(PostgreSQL, RabbitMQ timers, Redis coordination).
 
 A production run gets a database of its own (created, migrated, dropped
 afterwards), a RabbitMQ prefix and a Redis prefix of its own (deleted too),
@@ -43,6 +44,8 @@ class Backend:
     async def open(self) -> dict[str, Any]:
         """Config overrides naming this run's services."""
         w = self.scenario.workload
+        if self.kind == "memory":
+            return {"store": {"url": "memory://"}}  # timers and counters are in memory by default
         if self.kind == "embedded":
             self._tmp = tempfile.TemporaryDirectory(prefix="oms-bench-")
             return {"store": {"url": f"sqlite:///{Path(self._tmp.name) / 'oms.sqlite3'}"}}

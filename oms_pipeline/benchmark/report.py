@@ -22,7 +22,7 @@ def write(results: dict[str, Any], out: Path) -> None:
 def main_run(results: dict[str, Any]) -> str | None:
     """The run the per-stage tables and plots describe."""
     runs = results["runs"]
-    for name in ("per_stage", "embedded", "production"):
+    for name in ("per_stage", "memory", "embedded", "production"):
         if name in runs:
             return name
     return next(iter(runs), None)

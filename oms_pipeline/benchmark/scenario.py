@@ -53,14 +53,16 @@ class StageProfile(_Strict):
 
 
 class Workload(_Strict):
-    kind: Literal["synthetic", "embedded", "production"] = "synthetic"
+    # memory: the daemon's 16 real stages on the in-memory store, timers and counters (nothing durable):
+    # what the stages, intake, hops and relay cost on their own, the ceiling of any durable store
+    kind: Literal["synthetic", "memory", "embedded", "production"] = "synthetic"
     # synthetic: generated stages, alternating io / cpu (io first), named io01, cpu02, ...
     stages: Positive = 16
     io_wait_ms: NonNegative = 20.0
     io_dist: Literal["fixed", "uniform", "exponential"] = "uniform"  # uniform: +-50% around the mean
     cpu_ms: NonNegative = 0.5
     stage: dict[str, StageProfile] = {}  # per-stage overrides by generated name
-    # embedded / production: fields every generated order request gets (e.g. no payment to wait for)
+    # memory / embedded / production: fields every generated order request gets (e.g. no payment to wait for)
     order_overrides: dict[str, Any] = {}
     postgres: str = "postgresql://postgres@127.0.0.1:5432"  # production: a database is created per run
     rabbitmq: str = "amqp://guest:guest@127.0.0.1:5672/"
