@@ -3,7 +3,7 @@
 Writes are group-committed as in the SQLite adapter: callers append requests,
 and a flush takes everything pending and writes it in ONE transaction with
 set-based statements (one UPDATE ... FROM unnest for all checkpoints, one
-INSERT ... SELECT FROM unnest for all history rows, one for all events), so
+binary COPY for all history rows, one for all events, one for the outbox), so
 a thousand stage boundaries cost one commit and a handful of statements.
 Compare-and-set checkpoints (payments, pay deadlines, replays) join the same
 commit as one conditional UPDATE ... FROM unnest, and the `get`s asked in one
