@@ -1,6 +1,6 @@
 """Checkpoints/s through PostgresStore: concurrent callers each checkpointing batches.
 
-    .venv/bin/python bench/postgres_checkpoints.py --callers 16 --batch 256 --rounds 40 --writers 2 [--think-ms 20]
+    .venv/bin/python bench/postgres_checkpoints.py --callers 16 --batch 256 --rounds 40 --writers 2 [--think-ms 20] [--lines 18]
 
 Like the pipeline's stages: each caller owns `batch` orders and, round after
 round, checkpoints all of them in one call (one stage boundary for a batch of
@@ -22,9 +22,12 @@ from oms_pipeline.adapters.postgres_store import PostgresStore, migrate
 from oms_pipeline.ports.store import QUEUED, Checkpoint, NewOrder
 
 
+LINES = 18  # lines per document: 18 make ~1.3 KB, 2 ~270 B (--lines)
+
+
 def document(order_no: str) -> bytes:
     lines = [{"sku": f"SKU-{i:05d}", "qty": 1 + i % 3, "price": 1999 + i, "warehouse": "WH-EAST-01"}
-             for i in range(18)]
+             for i in range(LINES)]
     doc = {"order_no": order_no, "member_id": "M" + order_no[-4:], "kind": "toc", "lines": lines,
            "address": {"city": "Hangzhou", "street": "1 Example Road", "zip": "310000"}}
     return orjson.dumps(doc)
@@ -70,6 +73,8 @@ async def run(url: str, args: argparse.Namespace) -> None:
 
 
 async def main(args: argparse.Namespace) -> None:
+    global LINES
+    LINES = args.lines
     name = f"oms_bench_{secrets.token_hex(4)}"
     admin = await asyncpg.connect(f"{args.server}/postgres")
     await admin.execute(f"CREATE DATABASE {name}")
@@ -87,5 +92,6 @@ if __name__ == "__main__":
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--writers", type=int, default=2)
+    ap.add_argument("--lines", type=int, default=LINES, help="lines per order document (its size)")
     ap.add_argument("--think-ms", type=float, default=0.0, help="random pause of up to this before each call")
     anyio.run(main, ap.parse_args(), backend_options={"use_uvloop": True})

@@ -16,7 +16,7 @@ import orjson
 from aiohttp import web
 
 from . import logs, reverse, schemas, states
-from .order import KINDS, decode
+from .order import KINDS, decode, document
 from .pipeline import ShuttingDown
 from .ports import store as st
 from .stock import StockUnavailable
@@ -163,7 +163,7 @@ class Api:
             return None
         view = {"order_no": order_no, "created": False, "state": stored.state, "stage": stored.stage,
                 "status": stored.status, "attempts": stored.attempts, "wake_at": stored.wake_at,
-                "order": orjson.loads(stored.doc)}
+                "order": document(decode(stored.doc))}
         view["pay_deadline"] = view["order"].get("pay_deadline")
         view["payable"] = view["order"]["amounts"]["payable"]
         if history:

@@ -3,6 +3,13 @@
 Money is integer cents everywhere. The structs are msgspec Structs: one C
 call encodes or decodes (and type-checks) a whole order, which is what every
 checkpoint and every process-pool hop does.
+
+The encoded document leaves out the fields of an order, a line and the
+amounts that are at their default (`omit_defaults`): about half the bytes,
+and the store writes the document at every checkpoint (PostgreSQL's time per
+checkpoint row grows ~4.6 us a KB, bench/RESULTS.md). Decoding fills them in
+again; `document()` gives the whole order, every field present, for readers
+of JSON (the HTTP API).
 """
 from __future__ import annotations
 
@@ -26,7 +33,7 @@ SOURCES = ("app", "web", "mini", "gift_exchange", "sales_plan", "platform", "ser
 PAYMENT_METHODS = ("online", "cod", "none", "mixed")
 
 
-class Address(msgspec.Struct, kw_only=True):
+class Address(msgspec.Struct, kw_only=True):  # whole: it goes to the WMS and suppliers as it is
     name: str
     phone: str
     province: str
@@ -36,7 +43,7 @@ class Address(msgspec.Struct, kw_only=True):
     pickup_point: str | None = None  # O2O self-pickup instead of delivery
 
 
-class Line(msgspec.Struct, kw_only=True):
+class Line(msgspec.Struct, kw_only=True, omit_defaults=True):
     line_no: int
     sku: str
     qty: int
@@ -62,7 +69,7 @@ class Line(msgspec.Struct, kw_only=True):
         return self.qty * self.unit_price
 
 
-class Amounts(msgspec.Struct, kw_only=True):
+class Amounts(msgspec.Struct, kw_only=True, omit_defaults=True):
     discount: int = 0
     coupon: int = 0
     points: int = 0  # points redeemed, valued in cents
@@ -73,7 +80,7 @@ class Amounts(msgspec.Struct, kw_only=True):
     cash: int = 0
 
 
-class Order(msgspec.Struct, kw_only=True):
+class Order(msgspec.Struct, kw_only=True, omit_defaults=True):
     order_no: str
     source: str
     external_id: str
@@ -111,3 +118,12 @@ def encode(order: Order) -> bytes:
 
 def decode(data: bytes) -> Order:
     return _decoder.decode(data)
+
+
+def document(order: Order) -> dict[str, Any]:
+    """The order as JSON-ready builtins with every field, defaults included."""
+    doc = msgspec.structs.asdict(order)
+    doc["consignee"] = msgspec.to_builtins(order.consignee)
+    doc["lines"] = [msgspec.structs.asdict(line) for line in order.lines]
+    doc["amounts"] = msgspec.structs.asdict(order.amounts)
+    return msgspec.to_builtins(doc)

@@ -12,12 +12,11 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import asyncpg
-
-import orjson
 import pytest
 
 from oms_pipeline.adapters.simulated import read_duplicates, read_effects
 from oms_pipeline.generator import generate
+from oms_pipeline.order import decode, document
 from oms_pipeline.adapters import postgres_store
 from tests.conftest import require_service
 from tests.support.daemon import Daemon, production_backends, write_config
@@ -163,7 +162,7 @@ mean_ms = 2.0
 async def _pg_orders(url: str) -> list[dict]:
     conn = await asyncpg.connect(url)
     try:
-        return [dict(r) | {"doc": orjson.loads(r["doc"])} for r in await conn.fetch("SELECT * FROM orders")]
+        return [dict(r) | {"doc": document(decode(r["doc"]))} for r in await conn.fetch("SELECT * FROM orders")]
     finally:
         await conn.close()
 
@@ -181,7 +180,7 @@ def _wait_terminal(d: Daemon, timeout: float = 240) -> None:
 def _orders(path) -> list[dict]:
     conn = sqlite3.connect(path)
     conn.row_factory = sqlite3.Row
-    rows = [dict(r) | {"doc": orjson.loads(r["doc"])} for r in conn.execute("SELECT * FROM orders")]
+    rows = [dict(r) | {"doc": document(decode(r["doc"]))} for r in conn.execute("SELECT * FROM orders")]
     conn.close()
     return rows
 
