@@ -22,20 +22,18 @@ from oms_pipeline.adapters.postgres_store import PostgresStore, migrate
 from oms_pipeline.ports.store import QUEUED, Checkpoint, NewOrder
 
 
-LINES = 18  # lines per document: 18 make ~1.3 KB, 2 ~270 B (--lines)
-
-
-def document(order_no: str) -> bytes:
+def document(order_no: str, n_lines: int) -> bytes:
+    """A JSON order document: 18 lines make ~1.3 KB, 2 lines ~270 bytes."""
     lines = [{"sku": f"SKU-{i:05d}", "qty": 1 + i % 3, "price": 1999 + i, "warehouse": "WH-EAST-01"}
-             for i in range(LINES)]
+             for i in range(n_lines)]
     doc = {"order_no": order_no, "member_id": "M" + order_no[-4:], "kind": "toc", "lines": lines,
            "address": {"city": "Hangzhou", "street": "1 Example Road", "zip": "310000"}}
     return orjson.dumps(doc)
 
 
-def new_order(order_no: str) -> NewOrder:
+def new_order(order_no: str, n_lines: int) -> NewOrder:
     return NewOrder(order_no, "bench", order_no, "toc", QUEUED, "s0", "IN_FULFILMENT", time.time(),
-                    document(order_no))
+                    document(order_no, n_lines))
 
 
 def checkpoint(order: NewOrder, round_no: int) -> Checkpoint:
@@ -54,7 +52,7 @@ async def run(url: str, args: argparse.Namespace) -> None:
     await migrate(url)
     store = PostgresStore(url, writers=args.writers, pool_size=max(args.writers + 1, 4))
     await store.open()
-    groups = [[new_order(f"1{c:03d}{i:06d}") for i in range(args.batch)] for c in range(args.callers)]
+    groups = [[new_order(f"1{c:03d}{i:06d}", args.lines) for i in range(args.batch)] for c in range(args.callers)]
     for group in groups:
         await store.create(group)
     commits = store.commits
@@ -73,8 +71,6 @@ async def run(url: str, args: argparse.Namespace) -> None:
 
 
 async def main(args: argparse.Namespace) -> None:
-    global LINES
-    LINES = args.lines
     name = f"oms_bench_{secrets.token_hex(4)}"
     admin = await asyncpg.connect(f"{args.server}/postgres")
     await admin.execute(f"CREATE DATABASE {name}")
@@ -92,6 +88,6 @@ if __name__ == "__main__":
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--writers", type=int, default=2)
-    ap.add_argument("--lines", type=int, default=LINES, help="lines per order document (its size)")
+    ap.add_argument("--lines", type=int, default=18, help="lines per order document (its size)")
     ap.add_argument("--think-ms", type=float, default=0.0, help="random pause of up to this before each call")
     anyio.run(main, ap.parse_args(), backend_options={"use_uvloop": True})

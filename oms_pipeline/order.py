@@ -5,7 +5,7 @@ call encodes or decodes (and type-checks) a whole order, which is what every
 checkpoint and every process-pool hop does.
 
 The encoded document leaves out the fields of an order, a line and the
-amounts that are at their default (`omit_defaults`): about half the bytes,
+amounts that are at their default (`omit_defaults`): ~30% fewer bytes,
 and the store writes the document at every checkpoint (PostgreSQL's time per
 checkpoint row grows ~4.6 us a KB, bench/RESULTS.md). Decoding fills them in
 again; `document()` gives the whole order, every field present, for readers
