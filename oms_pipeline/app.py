@@ -81,7 +81,7 @@ def _store_for(url: str, settings: Settings) -> Any:
                            synchronous=settings.store.synchronous, writer=settings.store.writer)
     if url.startswith(("postgresql://", "postgres://")):
         from .adapters.postgres_store import PostgresStore
-        return PostgresStore(url, max_batch=settings.store.checkpoint_max_batch)
+        return PostgresStore(url, max_batch=settings.store.checkpoint_max_batch, writers=settings.store.writers)
     raise ConfigError(f"{settings.source}: key store.url: {url!r} is not a store this build has "
                       "(sqlite:///PATH, postgresql://..., or memory://)")
 

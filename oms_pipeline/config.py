@@ -83,6 +83,8 @@ class StoreSettings(_Frozen):
     checkpoint_max_batch: Positive = 5000
     synchronous: Literal["normal", "full"] = "normal"  # SQLite only
     writer: Literal["process", "loop"] = "process"  # SQLite only: where its commits run
+    # PostgreSQL only: group commits in flight at once, each on a pool connection of its own
+    writers: Annotated[int, msgspec.Meta(ge=1, le=7)] = 2
     # Several instances on one database: an instance not heard of for this many seconds is
     # presumed dead and its queued orders are taken over (it renews every third of it).
     lease: PositiveFloat = 15.0

@@ -30,6 +30,13 @@ def test_bad_value_names_the_key(tmp_path):
         config.load(path, env={})
 
 
+def test_postgres_writers_are_bounded_by_the_pool(tmp_path):
+    assert config.from_mapping({}).store.writers == 2
+    path = write(tmp_path, "[store]\nwriters = 8\n")
+    with pytest.raises(config.ConfigError, match=r"key store.writers: Expected `int` <= 7"):
+        config.load(path, env={})
+
+
 def test_environment_overrides_the_file(tmp_path):
     path = write(tmp_path, "[http]\nport = 8000\n")
     s = config.load(path, env={"OMS__HTTP__PORT": "9001", "OMS__STORE__URL": "memory://"})

@@ -65,6 +65,26 @@ async def test_concurrent_checkpoints_share_few_commits(store):
     assert (await store.get("N0999")).wake_at == 999.0
 
 
+async def test_store_writers_from_the_config_commit_side_by_side(url):
+    from oms_pipeline import app, config
+    await migrate(url)
+    s = app._store_for(url, config.from_mapping({"store": {"url": url, "writers": 4}}))
+    assert isinstance(s, PostgresStore) and s.writers == 4
+    await s.open()
+    try:
+        await s.create([new(f"N{i:04d}") for i in range(400)])
+        # Callers arriving while batches are being written: up to four transactions at once.
+        async def stage(i: int) -> None:
+            await asyncio.sleep(i % 7 * 0.002)
+            await s.checkpoint([cp(f"N{i:04d}", "a", st.QUEUED, "b")])
+            await s.checkpoint([cp(f"N{i:04d}", "b", st.DONE, "@done")])
+        await asyncio.gather(*(stage(i) for i in range(400)))
+        assert await s.counts() == {st.DONE: 400}
+        assert [h.stage for h in await s.history("N0399")] == ["intake", "a", "b"]
+    finally:
+        await s.close()
+
+
 async def test_an_order_checkpointed_twice_in_one_batch_ends_at_the_last_record(store):
     await store.create([new("N1")])
     await asyncio.gather(store.checkpoint([cp("N1", "a", st.QUEUED, "b"), cp("N1", "b", st.QUEUED, "c")]),
