@@ -123,7 +123,7 @@ def decode(data: bytes) -> Order:
 def document(order: Order) -> dict[str, Any]:
     """The order as JSON-ready builtins with every field, defaults included."""
     doc = msgspec.structs.asdict(order)
-    doc["consignee"] = msgspec.to_builtins(order.consignee)
+    doc["consignee"] = msgspec.structs.asdict(order.consignee)
     doc["lines"] = [msgspec.structs.asdict(line) for line in order.lines]
     doc["amounts"] = msgspec.structs.asdict(order.amounts)
     return msgspec.to_builtins(doc)

@@ -159,10 +159,10 @@ class StageWorker:
                     continue
             except Exception as exc:  # noqa: BLE001 - a handler failure never kills the worker
                 result = self._failed(exc)
-            outcomes.append(result if type(result) is Outcome else _not_outcome(result, self.name))
+            outcomes.append(_outcome(result, self.name))
         if waiting:
-            for i, result in await self._wait_all(waiting):
-                outcomes[i] = result if type(result) is Outcome else _not_outcome(result, self.name)
+            for i, outcome in await self._wait_all(waiting):
+                outcomes[i] = outcome
         self._waits = 0.8 * self._waits + 0.2 * (len(waiting) / len(batch))
         return outcomes
 
@@ -185,10 +185,10 @@ class StageWorker:
         return [(i, self._failed(TimeoutError()) if task.cancelled() else task.result())
                 for (i, _, _), task in zip(waiting, tasks)]
 
-    async def _finish(self, coro, first) -> Any:
+    async def _finish(self, coro, first) -> Outcome:
         """Carry on a handler that waited; a failure becomes its outcome."""
         try:
-            return await _resume(coro, first)
+            return _outcome(await _resume(coro, first), self.name)
         except Exception as exc:  # noqa: BLE001 - a handler failure never kills the worker
             return self._failed(exc)
 
@@ -247,6 +247,9 @@ def _resume(coro, yielded):
         return done.value
 
 
-def _not_outcome(result: Any, stage: str) -> Outcome:
+def _outcome(result: Any, stage: str) -> Outcome:
+    """A handler's result as its outcome: anything but an Outcome sends the order to a person."""
+    if type(result) is Outcome:
+        return result
     return manual(f"{stage}: handler returned {type(result).__name__}, not an Outcome")
 

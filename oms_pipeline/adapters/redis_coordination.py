@@ -119,7 +119,6 @@ class RedisCoordination:
         self._max_connections = max_connections
         self._timeout = timeout
         self._redis: Redis | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None  # the loop the client was opened on
         self._take_many = self._fence = _not_open  # the registered scripts, once open
         self._takes: list[tuple[str, list, asyncio.Future]] = []  # take_capacity calls of this loop turn
 
@@ -136,7 +135,6 @@ class RedisCoordination:
             await redis.aclose()
             raise
         self._redis = redis
-        self._loop = asyncio.get_running_loop()
         self._take_many = redis.register_script(TAKE_MANY)
         self._fence = redis.register_script(FENCE)
 
@@ -170,7 +168,7 @@ class RedisCoordination:
     async def take_capacity(self, key: str, holder: str, limit: int, ttl: float) -> bool:
         if self._redis is None:
             raise RuntimeError(NOT_OPEN)
-        loop = self._loop
+        loop = asyncio.get_running_loop()
         future = loop.create_future()
         if not self._takes:
             loop.call_soon(self._send_takes)
