@@ -241,6 +241,41 @@ async def test_compare_and_sets_asked_at_once_apply_in_the_order_asked(store):
     assert await store.events("N1") == []  # the losing timeout's event was not written
 
 
+@pytest.mark.parametrize("param", ["sqlite", "postgres"])
+async def test_status_changes_written_a_row_each_by_earlier_versions_are_read_first(param, tmp_path):
+    """Earlier versions wrote a row per status change to order_events; now they are packed into the
+    checkpoint's history row. An order upgraded mid-way lists the old rows, then the packed ones."""
+    legacy = "INSERT INTO order_events (order_no, from_status, to_status, at) VALUES ('N1', '', 'CREATED', 100.0)"
+    async with opened(param, tmp_path) as s:
+        if param == "sqlite":
+            import sqlite3
+
+            from oms_pipeline.adapters.sqlite_store import migrate
+            conn = sqlite3.connect(tmp_path / "oms.sqlite3", isolation_level=None)
+            migrate(conn)
+            conn.execute(legacy)
+            conn.close()
+        else:
+            import asyncpg
+            conn = await asyncpg.connect(s.url)
+            await conn.execute(legacy)
+            await conn.close()
+        await s.open()
+        try:
+            await s.create([new("N1")])
+            await s.checkpoint([cp("N1", "a", st.QUEUED, "b", events=(st.Event("N1", "CREATED", "PAID", 101.0),
+                                                                      st.Event("N1", "PAID", "SHIPPED", 102.0)))])
+            await s.checkpoint([cp("N1", "b", st.DONE, "@done", at=103.0,
+                                   events=(st.Event("N1", "SHIPPED", "DONE", 103.0),))])
+            assert await s.events("N1") == [st.Event("N1", "", "CREATED", 100.0),
+                                            st.Event("N1", "CREATED", "PAID", 101.0),
+                                            st.Event("N1", "PAID", "SHIPPED", 102.0),
+                                            st.Event("N1", "SHIPPED", "DONE", 103.0)]
+            assert [h.stage for h in await s.history("N1")] == ["intake", "a", "b"]
+        finally:
+            await s.close()
+
+
 async def test_outbox_holds_events_and_commands_until_published(store):
     event = st.Event("N1", "IN_FULFILMENT", "CANCELLED", 101.0)
     await store.create([new("N1")])

@@ -3,8 +3,9 @@
 Writes are group-committed as in the SQLite adapter: callers append requests,
 and a flush takes everything pending and writes it in ONE transaction with
 set-based statements (one UPDATE ... FROM unnest for all checkpoints, one
-binary COPY for all history rows, one for all events, one for the outbox), so
-a thousand stage boundaries cost one commit and a handful of statements.
+binary COPY for all history rows, their status changes packed in them, one
+for the outbox), so a thousand stage boundaries cost one commit and a handful
+of statements.
 Compare-and-set checkpoints (payments, pay deadlines, replays) join the same
 commit as one conditional UPDATE ... FROM unnest, and the `get`s asked in one
 turn of the loop go as one query: a burst of pay deadlines falling due costs
@@ -41,15 +42,15 @@ import asyncpg
 
 from .. import sqlfiles
 from ..ports.store import (Checkpoint, Event, HistoryEntry, NewOrder, OutboxRow, ReverseRecord, StoredOrder,
-                           HistoryRow, StoreUnavailable, history_entries, history_row, history_rows, outbox_entries)
+                           HistoryRow, StoreUnavailable, history_entries, history_row, history_rows, outbox_entries,
+                           stored_events)
 
 Q = sqlfiles.queries("postgres")
 # The append-only rows of a group commit go in by COPY, not INSERT ... SELECT FROM unnest: asyncpg
 # encodes COPY records without inspecting every array element, and the server plans nothing
 # (bench/RESULTS.md: ~1.8-2.0 -> 0.3 us of client CPU a row, the server's time a little lower).
 APPENDS = {
-    "history": ("stage_history", ("order_no", "stage", "outcome", "reason", "at", "trail")),  # HistoryRow
-    "events": ("order_events", ("order_no", "from_status", "to_status", "at")),  # Event
+    "history": ("stage_history", ("order_no", "stage", "outcome", "reason", "at", "trail", "events")),  # HistoryRow
     "outbox": ("outbox", ("order_no", "topic", "key", "payload", "at")),  # outbox_entries
 }
 ACQUIRE_TIMEOUT = 30.0  # never wait forever for a connection (PITFALLS 11)
@@ -133,7 +134,7 @@ class PostgresStore:
 
     async def open(self) -> None:
         pool = await asyncpg.create_pool(self.url, min_size=1, max_size=self.pool_size,
-                                         command_timeout=self.command_timeout)
+                                         command_timeout=self.command_timeout, reset=_session_kept)
         try:
             async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
                 database, missing = await missing_migrations(conn)
@@ -180,13 +181,15 @@ class PostgresStore:
         rows = await self._transaction(lambda conn: conn.fetch(Q["take_over"], self.holder, now, limit))
         return [StoredOrder(*r) for r in rows]
 
+    # The relay's two statements run on their own, outside a transaction block: one round trip
+    # each instead of three (BEGIN, the statement, COMMIT), and just as atomic.
     async def outbox_claim(self, holder: str, limit: int, lease: float, now: float) -> list[OutboxRow]:
-        rows = await self._transaction(lambda conn: conn.fetch(Q["outbox_claim"], holder, now, now - lease, limit))
+        rows = await self._rows("outbox_claim", holder, now, now - lease, limit)
         return sorted(OutboxRow(*r) for r in rows)
 
     async def outbox_done(self, ids: list[int], now: float) -> None:
         if ids:
-            await self._transaction(lambda conn: conn.execute(Q["outbox_done"], ids, now))
+            await self._rows("outbox_done", ids, now)
 
     async def reverse_create(self, record: ReverseRecord) -> tuple[str, bool]:
         async def insert(conn: asyncpg.Connection) -> tuple[str, bool]:
@@ -252,7 +255,8 @@ class PostgresStore:
     # -- reads -------------------------------------------------------------------
 
     async def _rows(self, query: str, *args: Any) -> list[asyncpg.Record]:
-        # Outside a transaction asyncpg itself re-prepares a stale statement once.
+        """One statement on its own (autocommit). Outside a transaction asyncpg itself re-prepares
+        a stale statement once."""
         try:
             async with self._acquire() as conn, _dropped_if_broken(conn):
                 return await conn.fetch(Q[query], *args)
@@ -316,7 +320,7 @@ class PostgresStore:
         return history_entries(await self._rows("order_history", order_no))
 
     async def events(self, order_no: str) -> list[Event]:
-        return [Event(*r) for r in await self._rows("order_events", order_no)]
+        return stored_events(order_no, await self._rows("order_events", order_no))
 
     async def counts(self) -> dict[str, int]:
         return {state: count for state, count in await self._rows("counts")}
@@ -339,6 +343,14 @@ class PostgresStore:
 
     async def reverse_open(self, limit: int = 500, after: str = "") -> list[ReverseRecord]:
         return [ReverseRecord(*r) for r in await self._rows("reverse_open", after, limit)]
+
+
+async def _session_kept(conn: asyncpg.Connection) -> None:
+    """The pool's reset of a released connection. The store leaves no session state behind: its
+    one setting is SET LOCAL, its one advisory lock transaction-scoped, and it never LISTENs or
+    keeps a cursor open; an open transaction is still rolled back by the pool before this runs.
+    So the default reset (pg_advisory_unlock_all, CLOSE ALL, UNLISTEN *, RESET ALL: a round trip
+    and four statements on the server at every release) is left out."""
 
 
 @contextlib.asynccontextmanager
@@ -370,12 +382,11 @@ def _cancel(requests: list[_Request]) -> None:
 # -- one group commit: set-based statements ------------------------------------------
 
 class _Rows:
-    """History and event rows gathered from a whole batch, inserted with one statement each."""
+    """History, outbox and reverse rows gathered from a whole batch, written with one statement each."""
 
     def __init__(self, holder: str = "") -> None:
         self.holder = holder  # who writes: the owner of what it creates and checkpoints
         self.history: list[HistoryRow] = []
-        self.events: list[Event] = []
         self.outbox: list[tuple[str, str, str, bytes, float]] = []
         self.reverse: list[ReverseRecord] = []
 
@@ -386,7 +397,6 @@ async def _write_batch(conn: asyncpg.Connection, batch: list[_Request], store: "
     await _checkpoint(conn, [r for r in batch if r.op == "checkpoint"], rows)
     await _checkpoint_if(conn, [r for r in batch if r.op == "checkpoint_if"], rows)
     await _append(conn, "history", rows.history)
-    await _append(conn, "events", rows.events)
     await _side_rows(conn, rows)
     for request in batch:
         if request.op == "next_block":
@@ -409,8 +419,7 @@ async def _create(conn: asyncpg.Connection, requests: list[_Request], rows: _Row
         request.result = [_created(order, numbers, inserted, seen) for order in request.arg]
     for order in firsts.values():
         if order.order_no in inserted:
-            rows.history.append(history_row(order.order_no, "intake", "created", "", order.at))
-            rows.events.extend(order.events)
+            rows.history.append(history_row(order.order_no, "intake", "created", "", order.at, order.events))
             rows.outbox.extend(outbox_entries(order.order_no, order.at, order.events))
 
 
@@ -449,7 +458,6 @@ async def _checkpoint(conn: asyncpg.Connection, requests: list[_Request], rows: 
 def _gather(records: list[Checkpoint], rows: _Rows) -> None:
     """What written checkpoints add besides the order rows: history, events, outbox, reverse orders."""
     rows.history.extend(history_rows(records))
-    rows.events.extend(event for r in records for event in r.events)
     for r in records:
         if r.events or r.commands:
             rows.outbox.extend(outbox_entries(r.order_no, r.at, r.events, r.commands))

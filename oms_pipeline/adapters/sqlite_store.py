@@ -33,7 +33,7 @@ import orjson
 from .. import sqlfiles
 from .sqlite_writer import REGIONS, Writer
 from ..ports.store import (Checkpoint, Event, HistoryEntry, NewOrder, OutboxRow, ReverseRecord, StoredOrder,
-                           history_entries, history_row, history_rows, outbox_entries)
+                           history_entries, history_row, history_rows, outbox_entries, stored_events)
 
 Q = sqlfiles.queries("sqlite")
 # Rows the writer process takes per transaction. Smaller than everything pending, on purpose: the
@@ -245,7 +245,7 @@ class SqliteStore:
         return history_entries(await self._rows(Q["order_history"], order_no))
 
     async def events(self, order_no: str) -> list[Event]:
-        return [Event(*r) for r in await self._rows(Q["order_events"], order_no)]
+        return stored_events(order_no, await self._rows(Q["order_events"], order_no))
 
     async def counts(self) -> dict[str, int]:
         return dict(await self._rows(Q["counts"]))
@@ -304,8 +304,7 @@ def _create(conn: sqlite3.Connection, arg: tuple[list[NewOrder], str]) -> list[t
 
 def _create_one(conn: sqlite3.Connection, order: NewOrder, holder: str) -> tuple[str, bool]:
     if _insert_row(conn, order, holder):
-        conn.execute(Q["history"], history_row(order.order_no, "intake", "created", "", order.at))
-        conn.executemany(Q["add_event"], order.events)
+        conn.execute(Q["history"], history_row(order.order_no, "intake", "created", "", order.at, order.events))
         conn.executemany(Q["add_outbox"], outbox_entries(order.order_no, order.at, order.events))
         return order.order_no, True
     return conn.execute(Q["order_no_by_external"], (order.source, order.external_id)).fetchone()[0], False
@@ -321,7 +320,6 @@ def _checkpoint(conn: sqlite3.Connection, arg: tuple[list[Checkpoint], str]) -> 
     conn.executemany(Q["checkpoint"], [(r.state, r.stage, r.status, r.attempts, r.wake_at, r.doc,
                                         r.at, holder, r.order_no) for r in records])
     conn.executemany(Q["history"], history_rows(records))
-    conn.executemany(Q["add_event"], [event for r in records for event in r.events])
     _side_rows(conn, records)
     for r in records:
         for child in r.children:
@@ -338,7 +336,6 @@ def _checkpoint_if(conn: sqlite3.Connection, arg: tuple[Checkpoint, str, str]) -
     if cur.rowcount != 1:
         return False
     conn.executemany(Q["history"], history_rows([r]))
-    conn.executemany(Q["add_event"], r.events)
     _side_rows(conn, [r])
     return True
 

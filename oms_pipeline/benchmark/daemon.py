@@ -10,16 +10,18 @@ so runs never see each other's state.
 """
 from __future__ import annotations
 
+import io
 import secrets
 import tempfile
 from itertools import islice
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, Iterator
 
 import anyio
+import orjson
 
 from .. import app as app_module
-from .. import config, routing
+from .. import config, intake_queues, routing
 from ..generator import generate
 from .probe import Recorder
 from .scenario import ROOT, Scenario, merge
@@ -82,7 +84,7 @@ class Daemon(PipelineView):
         self.services = services
         self.instance, self.instances = instance, instances
         self.overrides = {**DEFAULT_OVERRIDES, **scenario.workload.order_overrides}
-        self.requests: Iterator[dict[str, Any]] = iter(())
+        self.bodies: IO[bytes] = io.BytesIO()  # the arrivals' request bodies, a JSON document a line
         self.settings: config.Settings | None = None
         self.app: Any = None
 
@@ -99,8 +101,9 @@ class Daemon(PipelineView):
         # external ids carry the seed, so no two instances make the same order), rather than
         # generating everyone's orders and dropping the others'.
         count, n = self.scenario.load.count(), self.instances
-        self.requests = (generate(count, self.scenario.seed) if n == 1 else
-                         generate(len(range(self.instance, count, n)), self.scenario.seed * 1000 + self.instance))
+        requests = (generate(count, self.scenario.seed) if n == 1 else
+                    generate(len(range(self.instance, count, n)), self.scenario.seed * 1000 + self.instance))
+        self.bodies = await anyio.to_thread.run_sync(_load_file, requests, self.overrides)
 
     async def start(self, tg: anyio.abc.TaskGroup, recorder: Recorder) -> None:
         self.recorder = recorder
@@ -112,10 +115,13 @@ class Daemon(PipelineView):
             self.recorder.end(order.external_id, end)
 
     async def submit(self, first: int, end: int, scheduled_at: list[float]) -> None:
-        batch = [{**r, **self.overrides} for r in islice(self.requests, end - first)]
+        """The arrivals' bodies through the broker intake's own calls: decoded, checked against the
+        order schema, then created as one batch."""
+        intake = self.app.intake
+        batch = [intake.request(intake_queues.decode(body)) for body in islice(self.bodies, end - first)]
         for request, i in zip(batch, range(first, end)):
             self.recorder.arrive(request["external_id"], scheduled_at[i])
-        for request, created in zip(batch, await self.app.intake.create(batch)):
+        for request, created in zip(batch, await intake.create(batch)):
             if created.refused:
                 self.recorder.end(request["external_id"], "refused")
 
@@ -129,9 +135,22 @@ class Daemon(PipelineView):
                 "coordination": _redact(s.coordination.url)}
 
     async def close(self) -> None:
+        self.bodies.close()
         await self.app.aclose()
         if self.backend is not None:
             await self.backend.close(self.settings)
+
+
+def _load_file(requests: Iterator[dict[str, Any]], overrides: dict[str, Any]) -> IO[bytes]:
+    """The arrivals written ahead, before the clock starts, to a temporary file read back a batch at a
+    time: the daemon pays for decoding and checking each body, as from a broker, not for making it
+    up, and memory holds no more of the load than one batch."""
+    out = tempfile.TemporaryFile()
+    for request in requests:
+        out.write(orjson.dumps({**request, **overrides}))
+        out.write(b"\n")
+    out.seek(0)
+    return out
 
 
 def run_settings(scenario: Scenario, services: dict[str, Any]) -> config.Settings:

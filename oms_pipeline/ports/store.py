@@ -248,30 +248,57 @@ class Store(Protocol):
         """Reverse orders not in REVERSE_CLOSED, by number after `after` (resumed at start)."""
 
 
-HistoryRow = tuple[str, str, str, str, float, "bytes | None"]  # as stored: order_no, stage, outcome, reason, at, trail
+# As stored: order_no, stage, outcome, reason, at, trail, events.
+HistoryRow = tuple[str, str, str, str, float, "bytes | None", "bytes | None"]
 
 
-def history_row(order_no: str, stage: str, outcome: str, reason: str, at: float) -> HistoryRow:
+def history_row(order_no: str, stage: str, outcome: str, reason: str, at: float,
+                events: tuple[Event, ...] = ()) -> HistoryRow:
     """A history row of a boundary with no trail before it."""
-    return order_no, stage, outcome, reason, at, None
+    return order_no, stage, outcome, reason, at, None, _packed_events(order_no, events)
 
 
 def history_rows(records: list[Checkpoint]) -> list[HistoryRow]:
     """One history row per checkpoint, its trail packed in it (a JSON array of [stage, outcome,
     reason, at]): an order that went through twelve stages without a checkpoint costs the store
-    one row, not twelve. Shared by the store adapters so every one keeps the same history."""
+    one row, not twelve. The status changes the checkpoint made go in the same row (a JSON array
+    of [from, to, at]) rather than a row each in a table of their own. Shared by the store
+    adapters so every one keeps the same history."""
     return [(r.order_no, r.from_stage, r.outcome, r.reason, r.at,
-             orjson.dumps([tuple(step) for step in r.trail]) if r.trail else None)  # (orjson takes no NamedTuple)
+             orjson.dumps([tuple(step) for step in r.trail]) if r.trail else None,  # (orjson takes no NamedTuple)
+             _packed_events(r.order_no, r.events) if r.events else None)
             for r in records]
 
 
-def history_entries(rows: list[HistoryRow]) -> list[HistoryEntry]:
-    """Stored history rows back as entries, each row's trail before its own entry."""
+def _packed_events(order_no: str, events: tuple[Event, ...]) -> bytes | None:
+    if not events:
+        return None
+    for e in events:
+        if e.order_no != order_no:  # a checkpoint only ever moves its own order
+            raise ValueError(f"event of order {e.order_no} in a history row of {order_no}")
+    return orjson.dumps([(e.from_status, e.to_status, e.at) for e in events])
+
+
+def history_entries(rows: list) -> list[HistoryEntry]:
+    """Stored history rows (order_no, stage, outcome, reason, at, trail) back as entries, each
+    row's trail before its own entry."""
     out = []
     for no, stage, outcome, reason, at, trail in rows:
         if trail:
             out.extend(HistoryEntry(no, *step) for step in orjson.loads(trail))
         out.append(HistoryEntry(no, stage, outcome, reason, at))
+    return out
+
+
+def stored_events(order_no: str, rows: list) -> list[Event]:
+    """An order's status changes from the store's `order_events` query: rows (from, to, at, None)
+    written one per change, or (None, None, None, packed) for a history row's packed changes."""
+    out = []
+    for from_status, to_status, at, packed in rows:
+        if packed is None:
+            out.append(Event(order_no, from_status, to_status, at))
+        else:
+            out.extend(Event(order_no, *change) for change in orjson.loads(packed))
     return out
 
 

@@ -134,7 +134,13 @@ SELECT order_no, stage, outcome, reason, at, trail FROM stage_history WHERE orde
 SELECT state, count(*) FROM orders GROUP BY state;
 
 -- name: order_events
-SELECT order_no, from_status, to_status, at FROM order_events WHERE order_no = $1 ORDER BY id;
+-- Status changes: those written before migration 008 (a row each), then those packed in history
+-- rows (from_status, to_status and at NULL, `events` the packed array).
+SELECT from_status, to_status, at, events FROM (
+    SELECT 0 AS part, id, from_status, to_status, at, NULL::bytea AS events FROM order_events WHERE order_no = $1
+    UNION ALL
+    SELECT 1, id, NULL, NULL, NULL, events FROM stage_history WHERE order_no = $1 AND events IS NOT NULL) AS e
+ORDER BY part, id;
 
 -- name: custom_plans
 -- For search_orders: a generic plan cannot know which of its optional

@@ -38,7 +38,7 @@ WHERE order_no IN (SELECT o.order_no FROM orders o LEFT JOIN instances i ON i.ho
 RETURNING order_no, kind, state, stage, status, attempts, wake_at, doc, parent_no, updated_at;
 
 -- name: history
-INSERT INTO stage_history (order_no, stage, outcome, reason, at, trail) VALUES (?, ?, ?, ?, ?, ?);
+INSERT INTO stage_history (order_no, stage, outcome, reason, at, trail, events) VALUES (?, ?, ?, ?, ?, ?, ?);
 
 -- name: next_block
 INSERT INTO sequences (name, next) VALUES (?, ?)
@@ -71,11 +71,14 @@ SELECT order_no, stage, outcome, reason, at, trail FROM stage_history WHERE orde
 -- name: counts
 SELECT state, count(*) FROM orders GROUP BY state;
 
--- name: add_event
-INSERT INTO order_events (order_no, from_status, to_status, at) VALUES (?, ?, ?, ?);
-
 -- name: order_events
-SELECT order_no, from_status, to_status, at FROM order_events WHERE order_no = ? ORDER BY id;
+-- Status changes: those written before migration 009 (a row each), then those packed in history
+-- rows (from_status, to_status and at NULL, `events` the packed array).
+SELECT from_status, to_status, at, events FROM (
+    SELECT 0 AS part, id AS n, from_status, to_status, at, NULL AS events FROM order_events WHERE order_no = ?1
+    UNION ALL
+    SELECT 1, rowid, NULL, NULL, NULL, events FROM stage_history WHERE order_no = ?1 AND events IS NOT NULL)
+ORDER BY part, n;
 
 -- name: search_orders
 -- Filters left empty ('' / '[]') match everything; paging is by order number.
