@@ -189,7 +189,7 @@ class PostgresStore:
 
     async def outbox_done(self, ids: list[int], now: float) -> None:
         if ids:
-            await self._rows("outbox_done", ids, now)
+            await self._rows("outbox_done", ids)
 
     async def reverse_create(self, record: ReverseRecord) -> tuple[str, bool]:
         async def insert(conn: asyncpg.Connection) -> tuple[str, bool]:

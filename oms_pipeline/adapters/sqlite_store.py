@@ -365,7 +365,7 @@ def _claim(conn: sqlite3.Connection, arg: tuple[str, float, float, int]) -> list
 
 def _outbox_done(conn: sqlite3.Connection, arg: tuple[list[int], float]) -> None:
     ids, now = arg
-    conn.executemany(Q["outbox_done"], [(now, row_id) for row_id in ids])
+    conn.executemany(Q["outbox_done"], [(row_id,) for row_id in ids])
 
 
 def _reverse_create(conn: sqlite3.Connection, record: ReverseRecord) -> tuple[str, bool]:

@@ -228,7 +228,7 @@ class Store(Protocol):
         seconds, claimed for `holder` (several relays share one outbox)."""
 
     async def outbox_done(self, ids: list[int], now: float) -> None:
-        """Mark rows published."""
+        """The rows were published: they leave the outbox (their events stay in the history)."""
 
     async def outbox_pending(self) -> int:
         """Rows not yet published."""

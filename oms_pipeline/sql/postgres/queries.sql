@@ -167,7 +167,10 @@ WHERE id IN (SELECT id FROM outbox
 RETURNING id, order_no, topic, key, payload, at;
 
 -- name: outbox_done
-UPDATE outbox SET published_at = $2 WHERE id = ANY ($1::bigint[]);
+-- Published rows leave the outbox: a delete writes no new row version and no index entry, where
+-- marking them (published_at) wrote both (PostgreSQL ~8% less CPU on production_2x_no_checkpoints).
+-- Rows an earlier version marked published stay until an operator deletes them.
+DELETE FROM outbox WHERE id = ANY ($1::bigint[]);
 
 -- name: outbox_pending
 SELECT count(*) FROM outbox WHERE published_at IS NULL;

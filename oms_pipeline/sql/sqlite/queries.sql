@@ -102,7 +102,8 @@ WHERE id IN (SELECT id FROM outbox
 RETURNING id, order_no, topic, key, payload, at;
 
 -- name: outbox_done
-UPDATE outbox SET published_at = ? WHERE id = ?;
+-- Published rows leave the outbox (as on PostgreSQL).
+DELETE FROM outbox WHERE id = ?;
 
 -- name: outbox_pending
 SELECT count(*) FROM outbox WHERE published_at IS NULL;
