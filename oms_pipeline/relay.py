@@ -6,9 +6,9 @@ transaction. The relay, a service started with the pipeline, claims the oldest
 unpublished rows in batches (`Store.outbox_claim`, under a holder id of its
 own, so several instances share one outbox and a dead instance's claims lapse
 after `relay.lease`), hands them to a `Publisher`, and marks done (deletes from
-the outbox) only the rows the publisher confirmed. `relay.lanes` such loops run side by side, each under
-a holder id of its own, so the claims keep their rows apart and one lane
-publishes while another waits for its confirms.
+the outbox) only the rows the publisher confirmed. `relay.lanes` such loops run
+side by side, each under a holder id of its own, so the claims keep their rows
+apart and one lane publishes while another waits for its confirms.
 
 Publishers: `LocalPublisher` on the embedded default applies commands
 in-process and hands events to in-process subscribers;

@@ -364,7 +364,7 @@ def _claim(conn: sqlite3.Connection, arg: tuple[str, float, float, int]) -> list
 
 
 def _outbox_done(conn: sqlite3.Connection, arg: tuple[list[int], float]) -> None:
-    ids, now = arg
+    ids, _ = arg
     conn.executemany(Q["outbox_done"], [(row_id,) for row_id in ids])
 
 

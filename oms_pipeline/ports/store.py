@@ -266,7 +266,7 @@ def history_rows(records: list[Checkpoint]) -> list[HistoryRow]:
     adapters so every one keeps the same history."""
     return [(r.order_no, r.from_stage, r.outcome, r.reason, r.at,
              orjson.dumps([tuple(step) for step in r.trail]) if r.trail else None,  # (orjson takes no NamedTuple)
-             _packed_events(r.order_no, r.events) if r.events else None)
+             _packed_events(r.order_no, r.events))
             for r in records]
 
 
