@@ -6,7 +6,8 @@ Each call is one EVALSHA of the capacity script (a new holder on one of 100
 keys, limit high enough that all are granted), through a pool of 32
 connections, on uvloop. Compare with PERF_NOTES: `SET NX EX` from 50 tasks,
 ~13-15k/s. The client's CPU per call is printed too: it, not Redis, is the
-limit (hiredis, redis-py's C parser and packer, is a dependency for it). The keys live under a throwaway prefix and are deleted afterwards.
+limit (hiredis, redis-py's C parser and packer, is a dependency for it). The
+keys live under a throwaway prefix and are deleted afterwards.
 """
 from __future__ import annotations
 

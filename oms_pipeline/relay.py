@@ -323,7 +323,7 @@ class _Lane:
             refused = {f.row.id for f in failed}
             done = [row.id for row in ready if row.id not in refused]
             if done:
-                await relay.store.outbox_done(done, relay.clock.now())
+                await relay.store.outbox_done(done)
         except Exception as exc:  # noqa: BLE001 - the service must outlive a broker or database outage
             self._failures += 1
             relay.stats.errors["unavailable"] += 1

@@ -39,7 +39,7 @@ async def sim_ports(table: dict | None = None):
 async def stored_order(store: MemoryStore, order_no: str) -> None:
     await store.create([NewOrder(order_no, "app", f"ext-{order_no}", "toc", st.QUEUED, "notify_paid",
                                  "IN_FULFILMENT", START, b"{}")])
-    await store.outbox_done([row.id for row in await store.outbox_claim("setup", 100, 30, START)], START)
+    await store.outbox_done([row.id for row in await store.outbox_claim("setup", 100, 30, START)])
 
 
 async def checkpoint_with(store: MemoryStore, order_no: str, *commands: Command,

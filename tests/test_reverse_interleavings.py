@@ -180,7 +180,7 @@ class World:
         for row in await self.store.outbox_claim("test", 1000, 60.0, self.clock.now()):
             if not row.topic.startswith("order."):
                 await execute(self.ports, row.topic, row.key, row.payload)
-            await self.store.outbox_done([row.id], self.clock.now())
+            await self.store.outbox_done([row.id])
 
     async def finish(self) -> None:
         self.gates.open_all()

@@ -290,7 +290,7 @@ async def test_outbox_holds_events_and_commands_until_published(store):
     # Claimed: another relay gets nothing within the lease, everything after it.
     assert await store.outbox_claim("relay-2", 10, 30.0, 210.0) == []
     assert len(await store.outbox_claim("relay-2", 10, 30.0, 240.0)) == 2
-    await store.outbox_done([rows[0].id], 241.0)
+    await store.outbox_done([rows[0].id])
     assert await store.outbox_pending() == 1
     assert [r.key for r in await store.outbox_claim("relay-1", 10, 30.0, 300.0)] == ["N1:refund:1"]
 

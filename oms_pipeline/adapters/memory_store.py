@@ -185,7 +185,7 @@ class MemoryStore:
                 break
         return rows
 
-    async def outbox_done(self, ids: list[int], now: float) -> None:
+    async def outbox_done(self, ids: list[int]) -> None:
         for row_id in ids:
             self._outbox.pop(row_id, None)
             self._claims.pop(row_id, None)

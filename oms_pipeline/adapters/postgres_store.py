@@ -187,7 +187,7 @@ class PostgresStore:
         rows = await self._rows("outbox_claim", holder, now, now - lease, limit)
         return sorted(OutboxRow(*r) for r in rows)
 
-    async def outbox_done(self, ids: list[int], now: float) -> None:
+    async def outbox_done(self, ids: list[int]) -> None:
         if ids:
             await self._rows("outbox_done", ids)
 
@@ -456,7 +456,8 @@ async def _checkpoint(conn: asyncpg.Connection, requests: list[_Request], rows: 
 
 
 def _gather(records: list[Checkpoint], rows: _Rows) -> None:
-    """What written checkpoints add besides the order rows: history, events, outbox, reverse orders."""
+    """What written checkpoints add besides the order rows: history (status changes packed in it),
+    outbox, reverse orders."""
     rows.history.extend(history_rows(records))
     for r in records:
         if r.events or r.commands:

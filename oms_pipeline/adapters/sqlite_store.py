@@ -167,8 +167,8 @@ class SqliteStore:
         rows = await self._write("outbox_claim", (holder, now, now - lease, limit))
         return sorted(OutboxRow(*r) for r in rows)
 
-    async def outbox_done(self, ids: list[int], now: float) -> None:
-        await self._write("outbox_done", (ids, now))
+    async def outbox_done(self, ids: list[int]) -> None:
+        await self._write("outbox_done", ids)
 
     async def reverse_create(self, record: ReverseRecord) -> tuple[str, bool]:
         return await self._write("reverse_create", record)
@@ -363,8 +363,7 @@ def _claim(conn: sqlite3.Connection, arg: tuple[str, float, float, int]) -> list
     return conn.execute(Q["outbox_claim"], arg).fetchall()
 
 
-def _outbox_done(conn: sqlite3.Connection, arg: tuple[list[int], float]) -> None:
-    ids, _ = arg
+def _outbox_done(conn: sqlite3.Connection, ids: list[int]) -> None:
     conn.executemany(Q["outbox_done"], [(row_id,) for row_id in ids])
 
 

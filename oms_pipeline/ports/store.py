@@ -227,7 +227,7 @@ class Store(Protocol):
         """The oldest unpublished rows not claimed by another holder in the last `lease`
         seconds, claimed for `holder` (several relays share one outbox)."""
 
-    async def outbox_done(self, ids: list[int], now: float) -> None:
+    async def outbox_done(self, ids: list[int]) -> None:
         """The rows were published: they leave the outbox (their events stay in the history)."""
 
     async def outbox_pending(self) -> int:

@@ -1,8 +1,8 @@
 -- Named queries of the PostgreSQL store (oms_pipeline/adapters/postgres_store.py).
 -- Writes are set-based: one statement per kind of row for a whole group
 -- commit, the rows passed as parallel arrays and expanded with unnest. The
--- append-only rows (stage history, order events, outbox) go by COPY instead
--- (postgres_store.APPENDS).
+-- append-only rows (stage history with its packed status changes, outbox) go
+-- by COPY instead (postgres_store.APPENDS).
 
 -- name: migration_lock
 -- Held until the end of the migration's transaction: two instances starting
