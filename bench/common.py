@@ -1,6 +1,8 @@
 """What several benchmarks measure the same way."""
 from __future__ import annotations
 
+import os
+
 
 def rss_mb() -> float:
     """The process's resident set size now, in MB (Linux)."""
@@ -9,3 +11,21 @@ def rss_mb() -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return 0.0
+
+
+def server_cpu() -> float:
+    """CPU seconds of every postgres process (reaped children included): run it on the
+    database's machine."""
+    total = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        name, fields = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+        if name == "postgres":
+            total += sum(int(x) for x in fields[11:15])
+    return total / os.sysconf("SC_CLK_TCK")

@@ -1,6 +1,6 @@
 """What a round trip to PostgreSQL costs the client and the server, by the way it is made.
 
-    .venv/bin/python bench/postgres_round_trips.py --n 5000
+    .venv/bin/python bench/postgres_round_trips.py --n 5000 [--rows 256]
 
 Loops of `SELECT 1` through asyncpg on uvloop, each printed with wall time,
 this process's CPU and every `postgres` process's CPU (user + system, from
@@ -11,45 +11,54 @@ this process's CPU and every `postgres` process's CPU (user + system, from
   UNLISTEN *, RESET ALL) and without it (the store's `reset`);
 * a held connection, the statement inside a transaction (BEGIN, COMMIT);
 * a held connection, the statement alone (autocommit).
+
+Then the parameters of a group commit: `--rows` order rows shaped like the
+store's `create_orders` (eight text columns, two times, one of them mostly
+null, a ~1 KB document) expanded into rows by the server, per row: every
+column as an array (unnest), and every column but the documents as a JSON
+array (ROWS FROM json_array_elements_text, the store's way).
 """
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import asyncpg
 import uvloop
+from common import server_cpu
+
+from oms_pipeline.adapters.postgres_store import _columns
+
+COLUMNS = "order_no, source, external_id, kind, state, stage, status, parent_no, doc, at, member_id, wake_at"
+TYPES = ("text",) * 8 + ("bytea", "float8", "text", "float8")
+AS_ARRAYS = (f"SELECT count(*), sum(length(doc)), sum(at) FROM unnest("
+             f"{', '.join(f'${i}::{t}[]' for i, t in enumerate(TYPES, 1))}) AS n({COLUMNS})")
+AS_JSON = (f"SELECT count(*), sum(length(doc)), sum(at::float8) FROM ROWS FROM ("
+           + ", ".join(f"unnest(${i}::bytea[])" if t == "bytea" else f"json_array_elements_text(${i}::json)"
+                       for i, t in enumerate(TYPES, 1)) + f") AS n({COLUMNS})")
 
 
-def server_cpu() -> float:
-    """CPU seconds of every postgres process (reaped children included)."""
-    total = 0
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        name, fields = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
-        if name == "postgres":
-            total += sum(int(x) for x in fields[11:15])
-    return total / os.sysconf("SC_CLK_TCK")
-
-
-async def loop(label: str, step, n: int) -> None:
+async def loop(label: str, step, n: int, per: int = 1, unit: str = "") -> None:
     await step()  # connections open, statements prepared
     wall, cpu, server = time.perf_counter(), time.process_time(), server_cpu()
     for _ in range(n):
         await step()
     wall, cpu, server = time.perf_counter() - wall, time.process_time() - cpu, server_cpu() - server
-    print(f"{label:44s} wall {wall / n * 1e6:5.0f} us  client {cpu / n * 1e6:5.0f} us  "
-          f"server {server / n * 1e6:5.0f} us")
+    n *= per
+    print(f"{label + unit:44s} wall {wall / n * 1e6:5.1f} us  client {cpu / n * 1e6:5.1f} us  "
+          f"server {server / n * 1e6:5.1f} us")
 
 
-async def main(url: str, n: int) -> None:
+def order_rows(n: int) -> list[tuple]:
+    doc = ('{"consignee":{"name":"张三","city":"上海市"},"lines":[' + ",".join(
+        f'{{"line_no":{i},"sku":"SKU-{i:05d}","qty":2,"unit_price":1999,"warehouse":"WH-EAST-01"}}'
+        for i in range(9)) + "]}").encode()
+    return [(f"OMS{i:013d}", "platform", f"EXT-{i}", "third_party", "queued", "risk_check", "IN_FULFILMENT",
+             None if i % 3 else f"OMS{i + 1:013d}", doc, 1765000000.0 + i / 1000, f"M{i % 977}",
+             None if i % 5 else 1765000100.25) for i in range(n)]
+
+
+async def main(url: str, n: int, rows: int) -> None:
     async def kept(conn: asyncpg.Connection) -> None:
         pass
 
@@ -72,6 +81,16 @@ async def main(url: str, n: int) -> None:
         await loop("pool acquire/release, no reset query", lambda: pooled(no_reset), n)
         await loop("held connection, BEGIN + statement + COMMIT", in_transaction, n)
         await loop("held connection, statement alone", alone, n)
+
+        batch = order_rows(rows)
+        arrays, as_json = await conn.prepare(AS_ARRAYS), await conn.prepare(AS_JSON)
+        expected = await arrays.fetchrow(*[list(c) for c in zip(*batch)])
+        assert tuple(await as_json.fetchrow(*_columns(batch))) == tuple(expected), "the two encodings differ"
+        times = max(1, n // rows * 4)
+        await loop("order rows as arrays (unnest)", lambda: arrays.fetchrow(*[list(c) for c in zip(*batch)]),
+                   times, rows, ", per row")
+        await loop("order rows as JSON columns (the store's)", lambda: as_json.fetchrow(*_columns(batch)),
+                   times, rows, ", per row")
     finally:
         await conn.close()
         await default.close()
@@ -82,5 +101,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="postgresql://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--n", type=int, default=5000)
+    parser.add_argument("--rows", type=int, default=256, help="order rows a group commit passes")
     args = parser.parse_args()
-    uvloop.run(main(args.url, args.n))
+    uvloop.run(main(args.url, args.n, args.rows))
