@@ -4,6 +4,10 @@ Money is integer cents everywhere. The structs are msgspec Structs: one C
 call encodes or decodes (and type-checks) a whole order, which is what every
 checkpoint and every process-pool hop does.
 
+The structs are not tracked by the cycle collector (`gc=False`): an order's
+document is a tree of values that never points back at itself, and with
+thousands of orders in flight every collection would otherwise walk them all.
+
 The encoded document leaves out the fields of an order, a line and the
 amounts that are at their default (`omit_defaults`): ~30% fewer bytes,
 and the store writes the document at every checkpoint (PostgreSQL's time per
@@ -33,7 +37,7 @@ SOURCES = ("app", "web", "mini", "gift_exchange", "sales_plan", "platform", "ser
 PAYMENT_METHODS = ("online", "cod", "none", "mixed")
 
 
-class Address(msgspec.Struct, kw_only=True):  # whole: it goes to the WMS and suppliers as it is
+class Address(msgspec.Struct, kw_only=True, gc=False):  # whole: it goes to the WMS and suppliers as it is
     name: str
     phone: str
     province: str
@@ -43,7 +47,7 @@ class Address(msgspec.Struct, kw_only=True):  # whole: it goes to the WMS and su
     pickup_point: str | None = None  # O2O self-pickup instead of delivery
 
 
-class Line(msgspec.Struct, kw_only=True, omit_defaults=True):
+class Line(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     line_no: int
     sku: str
     qty: int
@@ -69,7 +73,7 @@ class Line(msgspec.Struct, kw_only=True, omit_defaults=True):
         return self.qty * self.unit_price
 
 
-class Amounts(msgspec.Struct, kw_only=True, omit_defaults=True):
+class Amounts(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     discount: int = 0
     coupon: int = 0
     points: int = 0  # points redeemed, valued in cents
@@ -80,7 +84,7 @@ class Amounts(msgspec.Struct, kw_only=True, omit_defaults=True):
     cash: int = 0
 
 
-class Order(msgspec.Struct, kw_only=True, omit_defaults=True):
+class Order(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     order_no: str
     source: str
     external_id: str
