@@ -4,7 +4,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from oms_pipeline.bqueue import BoundedQueue
+from oms_pipeline.bqueue import MIN_SHARE, BoundedQueue
 from oms_pipeline.outcome import NEXT
 from oms_pipeline.stage import StageSpec
 from tests.support.runtime import build, make_order, running
@@ -13,12 +13,20 @@ pytestmark = pytest.mark.anyio
 
 
 async def test_batches_respect_the_bound_and_share():
-    q: BoundedQueue[int] = BoundedQueue(10)
-    for i in range(10):
+    q: BoundedQueue[int] = BoundedQueue(100)
+    for i in range(100):
         await q.put(i)
-    assert len(q) == 10 and q.room() == 0
-    assert await q.get_batch(100, share=4) == [0, 1, 2]  # a quarter of 10, rounded up
-    assert await q.get_batch(4) == [3, 4, 5, 6]
+    assert len(q) == 100 and q.room() == 0
+    assert await q.get_batch(100, share=4) == list(range(25))  # a quarter of 100
+    assert await q.get_batch(100, share=8) == list(range(25, 25 + MIN_SHARE))  # not 75/8: at least MIN_SHARE
+    assert await q.get_batch(4) == [41, 42, 43, 44]  # never more than the limit
+    assert await q.get_batch(3, share=8) == [45, 46, 47]
+
+
+async def test_a_shared_small_backlog_goes_whole_to_one_consumer():
+    q: BoundedQueue[int] = BoundedQueue(100)
+    await q.put_many(list(range(10)))
+    assert await q.get_batch(256, share=32) == list(range(10))  # one batch of 10, not ten of one
 
 
 async def test_a_full_queue_makes_its_producer_wait_until_a_consumer_takes():
