@@ -6,6 +6,8 @@ Like the pipeline's stages: each caller owns `batch` orders and, round after
 round, checkpoints all of them in one call (one stage boundary for a batch of
 orders, ~1.3 KB documents) and waits for it to be durable before the next.
 Runs on a fresh database on the server given (created, migrated, dropped).
+Prints this process's CPU and every postgres process's CPU per checkpoint
+(run it on the database's machine).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import time
 import anyio
 import asyncpg
 import orjson
+from common import server_cpu
 
 from oms_pipeline.adapters.postgres_store import PostgresStore, migrate
 from oms_pipeline.ports.store import QUEUED, Checkpoint, NewOrder
@@ -56,18 +59,19 @@ async def run(url: str, args: argparse.Namespace) -> None:
     for group in groups:
         await store.create(group)
     commits = store.commits
-    started = time.perf_counter()
+    started, cpu, server = time.perf_counter(), time.process_time(), server_cpu()
     async with anyio.create_task_group() as tg:
         for group in groups:
             tg.start_soon(caller, store, group, args.rounds, args.think_ms / 1000)
-    elapsed = time.perf_counter() - started
+    elapsed, cpu, server = time.perf_counter() - started, time.process_time() - cpu, server_cpu() - server
     commits = store.commits - commits
     await store.close()
     total = args.callers * args.batch * args.rounds
     print(f"callers={args.callers} batch={args.batch} rounds={args.rounds} writers={args.writers} think_ms={args.think_ms} "
           f"doc={len(groups[0][0].doc)}B checkpoints={total} elapsed={elapsed:.2f}s "
           f"rate={total / elapsed:,.0f} checkpoints/s commits={commits} "
-          f"records/commit={total / max(1, commits):,.0f}")
+          f"records/commit={total / max(1, commits):,.0f} "
+          f"client_cpu={cpu / total * 1e6:.1f}us server_cpu={server / total * 1e6:.1f}us per checkpoint")
 
 
 async def main(args: argparse.Namespace) -> None:

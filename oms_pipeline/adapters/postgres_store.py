@@ -39,7 +39,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import asyncpg
-import orjson
 
 from .. import sqlfiles
 from ..ports.store import (Checkpoint, Event, HistoryEntry, NewOrder, OutboxRow, ReverseRecord, StoredOrder,
@@ -298,7 +297,7 @@ class PostgresStore:
                 future.set_result(found.get(no))
 
     async def find_external(self, source: str, external_id: str) -> str | None:
-        rows = await self._rows("orders_by_external", *_columns([(source, external_id)]))
+        rows = await self._rows("orders_by_external", [source], [external_id])
         return rows[0]["order_no"] if rows else None
 
     async def active(self) -> list[StoredOrder]:
@@ -530,14 +529,6 @@ async def _next_block(conn: asyncpg.Connection, name: str, size: int) -> int:
     return after - size
 
 
-def _columns(rows: list[Sequence]) -> list[str | list[bytes]]:
-    """Rows -> one parameter per column, which the statement's ROWS FROM turns back into rows:
-    a column of documents (bytes) as a bytea[] array, any other as a JSON array.
-
-    asyncpg encodes an array parameter element by element (~1 us of client CPU a text
-    element); one orjson call for the whole column costs a tenth of that. The server's
-    json_array_elements_text costs it somewhat more than decoding an array; on the two
-    together an order row costs ~40% less (bench/postgres_round_trips.py). Documents stay
-    bytea[]: large values, where the copy is the cost either way, and not text."""
-    return [list(column) if isinstance(column[0], bytes) else orjson.dumps(column).decode()
-            for column in zip(*rows)]
+def _columns(rows: list[Sequence]) -> list[list]:
+    """Rows -> one list per column: the parallel arrays that unnest turns back into rows."""
+    return [list(column) for column in zip(*rows)]

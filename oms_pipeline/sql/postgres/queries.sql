@@ -1,11 +1,8 @@
 -- Named queries of the PostgreSQL store (oms_pipeline/adapters/postgres_store.py).
 -- Writes are set-based: one statement per kind of row for a whole group
--- commit, the rows passed as one parameter per column and expanded side by
--- side with ROWS FROM: a JSON array (json_array_elements_text, cast where the
--- column is not text) for every column but the documents, which go as bytea[]
--- (postgres_store._columns says why). The append-only rows (stage history
--- with its packed status changes, outbox) go by COPY instead
--- (postgres_store.APPENDS).
+-- commit, the rows passed as parallel arrays and expanded with unnest. The
+-- append-only rows (stage history with its packed status changes, outbox) go
+-- by COPY instead (postgres_store.APPENDS).
 
 -- name: migration_lock
 -- Held until the end of the migration's transaction: two instances starting
@@ -36,14 +33,10 @@ SELECT version FROM schema_migrations ORDER BY version;
 -- and is absent from RETURNING.
 INSERT INTO orders (order_no, source, external_id, kind, state, stage, status, attempts, wake_at,
                     parent_no, doc, created_at, updated_at, member_id, owner)
-SELECT n.order_no, n.source, n.external_id, n.kind, n.state, n.stage, n.status, 0, n.wake_at::float8,
-       n.parent_no, n.doc, n.at::float8, n.at::float8, n.member_id, $13::text
-FROM ROWS FROM (json_array_elements_text($1::json), json_array_elements_text($2::json),
-                json_array_elements_text($3::json), json_array_elements_text($4::json),
-                json_array_elements_text($5::json), json_array_elements_text($6::json),
-                json_array_elements_text($7::json), json_array_elements_text($8::json), unnest($9::bytea[]),
-                json_array_elements_text($10::json), json_array_elements_text($11::json),
-                json_array_elements_text($12::json))
+SELECT n.order_no, n.source, n.external_id, n.kind, n.state, n.stage, n.status, 0, n.wake_at,
+       n.parent_no, n.doc, n.at, n.at, n.member_id, $13::text
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+            $8::text[], $9::bytea[], $10::float8[], $11::text[], $12::float8[])
      AS n(order_no, source, external_id, kind, state, stage, status, parent_no, doc, at, member_id, wake_at)
 ON CONFLICT (source, external_id) DO NOTHING
 RETURNING order_no;
@@ -52,21 +45,17 @@ RETURNING order_no;
 -- A replayed split stores no second set of children (either key may repeat).
 INSERT INTO orders (order_no, source, external_id, kind, state, stage, status, attempts, wake_at,
                     parent_no, doc, created_at, updated_at, member_id, owner)
-SELECT n.order_no, n.source, n.external_id, n.kind, n.state, n.stage, n.status, 0, n.wake_at::float8,
-       n.parent_no, n.doc, n.at::float8, n.at::float8, n.member_id, $13::text
-FROM ROWS FROM (json_array_elements_text($1::json), json_array_elements_text($2::json),
-                json_array_elements_text($3::json), json_array_elements_text($4::json),
-                json_array_elements_text($5::json), json_array_elements_text($6::json),
-                json_array_elements_text($7::json), json_array_elements_text($8::json), unnest($9::bytea[]),
-                json_array_elements_text($10::json), json_array_elements_text($11::json),
-                json_array_elements_text($12::json))
+SELECT n.order_no, n.source, n.external_id, n.kind, n.state, n.stage, n.status, 0, n.wake_at,
+       n.parent_no, n.doc, n.at, n.at, n.member_id, $13::text
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+            $8::text[], $9::bytea[], $10::float8[], $11::text[], $12::float8[])
      AS n(order_no, source, external_id, kind, state, stage, status, parent_no, doc, at, member_id, wake_at)
 ON CONFLICT DO NOTHING
 RETURNING order_no;
 
 -- name: orders_by_external
 SELECT k.source, k.external_id, o.order_no
-FROM ROWS FROM (json_array_elements_text($1::json), json_array_elements_text($2::json)) AS k(source, external_id)
+FROM unnest($1::text[], $2::text[]) AS k(source, external_id)
 JOIN orders o ON o.source = k.source AND o.external_id = k.external_id;
 
 -- name: checkpoint_orders
@@ -74,12 +63,10 @@ JOIN orders o ON o.source = k.source AND o.external_id = k.external_id;
 -- by order number so concurrent writers lock rows in the same order.
 -- With a holder ($9), an order another holder owns is left alone (the caller finds which).
 UPDATE orders AS o
-SET state = c.state, stage = c.stage, status = c.status, attempts = c.attempts::int,
-    wake_at = c.wake_at::float8, doc = c.doc, updated_at = c.at::float8, owner = $9::text
-FROM ROWS FROM (json_array_elements_text($1::json), json_array_elements_text($2::json),
-                json_array_elements_text($3::json), json_array_elements_text($4::json),
-                json_array_elements_text($5::json), json_array_elements_text($6::json), unnest($7::bytea[]),
-                json_array_elements_text($8::json))
+SET state = c.state, stage = c.stage, status = c.status, attempts = c.attempts,
+    wake_at = c.wake_at, doc = c.doc, updated_at = c.at, owner = $9::text
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::float8[],
+            $7::bytea[], $8::float8[])
      AS c(order_no, state, stage, status, attempts, wake_at, doc, at)
 WHERE o.order_no = c.order_no AND ($9::text = '' OR o.owner IN ('', $9::text));
 
@@ -108,12 +95,10 @@ RETURNING order_no, kind, state, stage, status, attempts, wake_at, doc, parent_n
 -- transaction), sorted by order number: each applies only if its order is still
 -- in its expected state ($9), and takes the order over for the holder ($10).
 UPDATE orders AS o
-SET state = c.state, stage = c.stage, status = c.status, attempts = c.attempts::int,
-    wake_at = c.wake_at::float8, doc = c.doc, updated_at = c.at::float8, owner = $10::text
-FROM ROWS FROM (json_array_elements_text($1::json), json_array_elements_text($2::json),
-                json_array_elements_text($3::json), json_array_elements_text($4::json),
-                json_array_elements_text($5::json), json_array_elements_text($6::json), unnest($7::bytea[]),
-                json_array_elements_text($8::json), json_array_elements_text($9::json))
+SET state = c.state, stage = c.stage, status = c.status, attempts = c.attempts,
+    wake_at = c.wake_at, doc = c.doc, updated_at = c.at, owner = $10::text
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::float8[],
+            $7::bytea[], $8::float8[], $9::text[])
      AS c(order_no, state, stage, status, attempts, wake_at, doc, at, expect)
 WHERE o.order_no = c.order_no AND o.state = c.expect
 RETURNING o.order_no;
