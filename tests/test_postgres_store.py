@@ -94,6 +94,19 @@ async def test_an_order_checkpointed_twice_in_one_batch_ends_at_the_last_record(
     assert [h.stage for h in await store.history("N1")] == ["intake", "a", "b", "c"]
 
 
+@pytest.mark.parametrize("external_id", ["", "has\x1fa unit separator", "\x1e", "has\x1ea record separator"])
+async def test_text_that_looks_like_the_joined_encoding_round_trips(store, external_id):
+    # One-row batches (a lone empty string), separators inside a value (the batch goes as arrays).
+    order = new("N1")._replace(external_id=external_id, member_id=external_id)
+    assert await store.create([order]) == [("N1", True)]
+    assert await store.create([new("N2")._replace(external_id=external_id)]) == [("N1", False)]  # a duplicate
+    assert await store.find_external("app", external_id) == "N1"
+    await store.checkpoint([cp("N1", "a", st.QUEUED, external_id or "b", status=external_id or "PAID")])
+    got = await store.get("N1")
+    assert (got.stage, got.status, got.parent_no) == (external_id or "b", external_id or "PAID", None)
+    assert [o.order_no for o in await store.search(member=external_id)] == ["N1"]
+
+
 async def test_events_are_written_with_their_checkpoint_in_order(store):
     created = new("N1")._replace(events=(st.Event("N1", "", "CREATED", 100.0),))
     await store.create([created])

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
@@ -433,7 +434,7 @@ def _created(order: NewOrder, numbers: dict, inserted: set[str], seen: set) -> t
 async def _existing(conn: asyncpg.Connection, keys: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
     if not keys:
         return {}
-    found = await conn.fetch(Q["orders_by_external"], *_columns(keys))
+    found = await conn.fetch(*_statement("orders_by_external", keys))
     return {(source, external_id): order_no for source, external_id, order_no in found}
 
 
@@ -444,7 +445,7 @@ async def _checkpoint(conn: asyncpg.Connection, requests: list[_Request], rows: 
     last = {r.order_no: r for r in records}  # an order checkpointed twice in a batch ends at its last record
     updates = [(r.order_no, r.state, r.stage, r.status, r.attempts, r.wake_at, r.doc, r.at)
                for _, r in sorted(last.items())]
-    status = await conn.execute(Q["checkpoint_orders"], *_columns(updates), rows.holder)
+    status = await conn.execute(*_statement("checkpoint_orders", updates), rows.holder)
     rejected: set[str] = set()
     if int(status.split()[-1]) < len(updates):  # rare: another instance took some over
         rejected = {row[0] for row in await conn.fetch(Q["owned_elsewhere"], list(last), rows.holder)}
@@ -492,7 +493,7 @@ async def _insert_orders(conn: asyncpg.Connection, query: str, orders: list[NewO
         return set()
     values = [(o.order_no, o.source, o.external_id, o.kind, o.state, o.stage, o.status, o.parent_no,
                o.doc, o.at, o.member_id, o.wake_at) for o in orders]
-    return {row[0] for row in await conn.fetch(Q[query], *_columns(values), rows.holder)}
+    return {row[0] for row in await conn.fetch(*_statement(query, values), rows.holder)}
 
 
 async def _append(conn: asyncpg.Connection, kind: str, rows: list[Sequence]) -> None:
@@ -518,7 +519,7 @@ async def _checkpoint_if(conn: asyncpg.Connection, requests: list[_Request], row
         round_.sort(key=lambda item: item[0].order_no)  # rows locked in one order by every writer
         values = [(r.order_no, r.state, r.stage, r.status, r.attempts, r.wake_at, r.doc, r.at, expect)
                   for r, expect, _ in round_]
-        applied = {row[0] for row in await conn.fetch(Q["checkpoint_if_orders"], *_columns(values), rows.holder)}
+        applied = {row[0] for row in await conn.fetch(*_statement("checkpoint_if_orders", values), rows.holder)}
         for record, _, request in round_:
             request.result = record.order_no in applied
         _gather([record for record, _, _ in round_ if record.order_no in applied], rows)
@@ -532,3 +533,42 @@ async def _next_block(conn: asyncpg.Connection, name: str, size: int) -> int:
 def _columns(rows: list[Sequence]) -> list[list]:
     """Rows -> one list per column: the parallel arrays that unnest turns back into rows."""
     return [list(column) for column in zip(*rows)]
+
+
+# A set-based statement's text columns travel as one string each: SEP before every value, NONE
+# for a null, split again by the server's string_to_array (the leading SEP keeps a single empty
+# value from becoming no value at all). asyncpg encodes an array parameter element by element
+# (~1 us of client CPU a text element); a join costs a tenth of that, and the server splits a
+# string in about the time it decodes an array (bench/postgres_checkpoints.py, RESULTS.md).
+# Numbers and documents stay arrays: binary, nothing to parse. A batch with a value that holds
+# either character (no validated field can) goes as arrays, with the statement as written.
+SEP, NONE = "\x1f", "\x1e"
+_TEXT_ARRAY = re.compile(r"\$(\d+)::text\[\]")
+JOINED = {name: _TEXT_ARRAY.sub(lambda m: f"(string_to_array(${m[1]}::text, E'\\x1f', E'\\x1e'))[2:]", Q[name])
+          for name in ("create_orders", "create_children", "orders_by_external", "checkpoint_orders",
+                       "checkpoint_if_orders")}
+TEXT_COLUMNS = {name: {int(n) - 1 for n in _TEXT_ARRAY.findall(Q[name])} for name in JOINED}
+
+
+def _statement(name: str, rows: list[Sequence]) -> tuple[Any, ...]:
+    """The named set-based statement and one parameter per column of `rows`."""
+    columns = _columns(rows)
+    text = TEXT_COLUMNS[name]
+    params: list[Any] = []
+    for i, column in enumerate(columns):
+        if i in text:
+            joined = _joined(column)
+            if joined is None:
+                return (Q[name], *columns)
+            params.append(joined)
+        else:
+            params.append(column)
+    return (JOINED[name], *params)
+
+
+def _joined(values: list[str | None]) -> str | None:
+    nones = values.count(None)
+    joined = SEP + SEP.join([NONE if v is None else v for v in values] if nones else values)
+    if joined.count(SEP) != len(values) or joined.count(NONE) != nones:
+        return None  # a value holds a separator
+    return joined
