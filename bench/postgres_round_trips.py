@@ -26,10 +26,9 @@ import argparse
 import time
 
 import asyncpg
+import orjson
 import uvloop
 from common import server_cpu
-
-import orjson
 
 COLUMNS = "order_no, source, external_id, kind, state, stage, status, parent_no, doc, at, member_id, wake_at"
 TYPES = ("text",) * 8 + ("bytea", "float8", "text", "float8")

@@ -1,6 +1,8 @@
 -- Named queries of the PostgreSQL store (oms_pipeline/adapters/postgres_store.py).
 -- Writes are set-based: one statement per kind of row for a whole group
--- commit, the rows passed as parallel arrays and expanded with unnest. The
+-- commit, the rows passed as parallel arrays and expanded with unnest (the
+-- store sends each text[] of these as one joined string instead, rewriting
+-- the statement when it loads it: postgres_store.JOINED). The
 -- append-only rows (stage history with its packed status changes, outbox) go
 -- by COPY instead (postgres_store.APPENDS).
 
