@@ -544,7 +544,8 @@ def _columns(rows: list[Sequence]) -> list[list]:
 # either character (no validated field can) goes as arrays, with the statement as written.
 SEP, NONE = "\x1f", "\x1e"
 _TEXT_ARRAY = re.compile(r"\$(\d+)::text\[\]")
-JOINED = {name: _TEXT_ARRAY.sub(lambda m: f"(string_to_array(${m[1]}::text, E'\\x1f', E'\\x1e'))[2:]", Q[name])
+_SPLIT = f"(string_to_array(${{}}::text, E'\\x{ord(SEP):02x}', E'\\x{ord(NONE):02x}'))[2:]"
+JOINED = {name: _TEXT_ARRAY.sub(lambda m: _SPLIT.format(m[1]), Q[name])
           for name in ("create_orders", "create_children", "orders_by_external", "checkpoint_orders",
                        "checkpoint_if_orders")}
 TEXT_COLUMNS = {name: {int(n) - 1 for n in _TEXT_ARRAY.findall(Q[name])} for name in JOINED}
@@ -554,15 +555,9 @@ def _statement(name: str, rows: list[Sequence]) -> tuple[Any, ...]:
     """The named set-based statement and one parameter per column of `rows`."""
     columns = _columns(rows)
     text = TEXT_COLUMNS[name]
-    params: list[Any] = []
-    for i, column in enumerate(columns):
-        if i in text:
-            joined = _joined(column)
-            if joined is None:
-                return (Q[name], *columns)
-            params.append(joined)
-        else:
-            params.append(column)
+    params = [_joined(column) if i in text else column for i, column in enumerate(columns)]
+    if None in params:
+        return (Q[name], *columns)
     return (JOINED[name], *params)
 
 
