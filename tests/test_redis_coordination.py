@@ -46,6 +46,21 @@ async def test_one_holder_asking_concurrently_counts_once(coord: RedisCoordinati
     assert await coord.count("k") == 1
 
 
+async def test_one_batch_of_takes_keeps_each_takers_key_holder_limit_and_ttl(coord: RedisCoordination):
+    # Takes of one loop turn go as one script call with their fields joined in one string:
+    # each must still be judged by its own limit and ttl, empty or odd holders included.
+    calls = [("a", "", 1, 30), ("a", "O2", 1, 30), ("b", "O 3,x", 2, 90), ("b", "O4", 2, 90),
+             ("b", "O5", 2, 90), ("c", "O6", 0, 30), ("d", "\x1eO7\u00e9", 1, 0.0004)]
+    taken = await gather(*(coord.take_capacity(*call) for call in calls))
+    assert taken == [True, False, True, True, False, False, True]
+    assert await coord.client.smembers(coord.key("b")) == {b"O 3,x", b"O4"}
+    assert await coord.client.smembers(coord.key("a")) == {b""}
+    assert 29_000 < await coord.client.pttl(coord.key("a")) <= 30_000
+    assert 89_000 < await coord.client.pttl(coord.key("b")) <= 90_000
+    with pytest.raises(ValueError, match="separator"):
+        await coord.take_capacity("a", "O\x1f8", 1, 30)
+
+
 async def test_the_ttl_is_fixed_at_first_use(coord: RedisCoordination):
     assert await coord.take_capacity("k", "O1", 10, 60)
     first = await coord.client.pttl(coord.key("k"))

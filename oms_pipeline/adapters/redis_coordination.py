@@ -53,24 +53,33 @@ log = logging.getLogger("oms.coordination")
 
 LOCK_POLL = 0.05  # seconds between attempts while waiting for a lock
 
-# take_capacity for many takers at once: KEYS[i] is a holders set, ARGV[3i-2..3i] its taker's
-# holder, limit and ttl in ms.
+# take_capacity for many takers at once: KEYS[i] is a holders set; ARGV[1] holds its taker's holder,
+# limit and ttl in ms as the fields 3i-2..3i of one string, each field after ARG_SEP. One string
+# instead of three arguments a taker: the client encodes every argument on its own, in Python, and
+# that was most of a take's client CPU (bench/RESULTS.md, "Redis: capacity counters").
 TAKE_MANY = """
+local joined, fields, from = ARGV[1], {}, 2
+while from <= #joined + 1 do
+  local stop = string.find(joined, '\\31', from, true) or #joined + 1
+  fields[#fields + 1] = string.sub(joined, from, stop - 1)
+  from = stop + 1
+end
 local out = {}
 for i = 1, #KEYS do
-  local key, holder = KEYS[i], ARGV[3 * i - 2]
+  local key, holder = KEYS[i], fields[3 * i - 2]
   if redis.call('SISMEMBER', key, holder) == 1 then
     out[i] = 1
-  elseif redis.call('SCARD', key) >= tonumber(ARGV[3 * i - 1]) then
+  elseif redis.call('SCARD', key) >= tonumber(fields[3 * i - 1]) then
     out[i] = 0
   else
     redis.call('SADD', key, holder)
-    if redis.call('PTTL', key) == -1 then redis.call('PEXPIRE', key, ARGV[3 * i]) end
+    if redis.call('PTTL', key) == -1 then redis.call('PEXPIRE', key, fields[3 * i]) end
     out[i] = 1
   end
 end
 return out
 """
+ARG_SEP = "\x1f"  # before every field of TAKE_MANY's ARGV[1]; a holder may not contain it
 MAX_TAKES = 500  # takers per script call: keeps one call to a millisecond or two of Redis time
 
 # KEYS[1] lock, KEYS[2] its fencing counter; ARGV[1] our lock token.
@@ -97,7 +106,7 @@ def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000)) if seconds > 0 else 0
 
 
-def _fail_on_error(calls: list[tuple[str, list, asyncio.Future]]):
+def _fail_on_error(calls: list[tuple[str, str, asyncio.Future]]):
     """A script call that failed (connection lost, timeout) fails every take in it."""
     def done(task: asyncio.Task) -> None:
         error = None if task.cancelled() else task.exception()
@@ -120,7 +129,7 @@ class RedisCoordination:
         self._timeout = timeout
         self._redis: Redis | None = None
         self._take_many = self._fence = _not_open  # the registered scripts, once open
-        self._takes: list[tuple[str, list, asyncio.Future]] = []  # take_capacity calls of this loop turn
+        self._takes: list[tuple[str, str, asyncio.Future]] = []  # take_capacity calls of this loop turn
 
     async def open(self) -> None:
         # Bounded pool that waits (up to `timeout`) for a free connection instead of
@@ -168,11 +177,13 @@ class RedisCoordination:
     async def take_capacity(self, key: str, holder: str, limit: int, ttl: float) -> bool:
         if self._redis is None:
             raise RuntimeError(NOT_OPEN)
+        if ARG_SEP in holder:
+            raise ValueError(f"capacity holder {holder!r} contains the separator {ARG_SEP!r}")
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         if not self._takes:
             loop.call_soon(self._send_takes)
-        self._takes.append((self.key(key), [holder, limit, _ms(ttl)], future))
+        self._takes.append((self.key(key), f"{ARG_SEP}{holder}{ARG_SEP}{limit}{ARG_SEP}{_ms(ttl)}", future))
         return bool(await future)
 
     def _send_takes(self) -> None:
@@ -182,9 +193,9 @@ class RedisCoordination:
             task = asyncio.ensure_future(self._run_takes(chunk))
             task.add_done_callback(_fail_on_error(chunk))
 
-    async def _run_takes(self, calls: list[tuple[str, list, asyncio.Future]]) -> None:
+    async def _run_takes(self, calls: list[tuple[str, str, asyncio.Future]]) -> None:
         results = await self._take_many(keys=[key for key, _, _ in calls],
-                                        args=[arg for _, args, _ in calls for arg in args])
+                                        args=["".join([fields for _, fields, _ in calls])])
         for (_, _, future), result in zip(calls, results):
             if not future.done():  # done: its caller gave up (cancelled, timed out)
                 future.set_result(result)
