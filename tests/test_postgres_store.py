@@ -107,6 +107,30 @@ async def test_text_that_looks_like_the_joined_encoding_round_trips(store, exter
     assert [o.order_no for o in await store.search(member=external_id)] == ["N1"]
 
 
+async def test_open_states_and_statuses_are_found_by_index_final_ones_by_order_number(store, url):
+    # Migration 011: the state and status indexes hold only open orders, so the last write of an
+    # order (done, dispatched) takes no entry in them; look-ups still find every order.
+    await store.create([new(f"N{i:04d}") for i in range(3000)])
+    await store.checkpoint([cp(f"N{i:04d}", "a", st.MANUAL, "a", status="MANUAL_REVIEW") if i % 500 == 0 else
+                            cp(f"N{i:04d}", "a", st.DONE, "@done", status="DISPATCHED") for i in range(3000)])
+    manual = [f"N{i:04d}" for i in range(0, 3000, 500)]
+    assert [o.order_no for o in await store.in_state(st.MANUAL)] == manual
+    assert [o.order_no for o in await store.search(statuses=("MANUAL_REVIEW",))] == manual
+    assert [o.order_no for o in await store.search(state=st.MANUAL, limit=2, after="N0500")] == manual[2:4]
+    dispatched = [o.order_no for o in await store.search(statuses=("DISPATCHED",), limit=3, after="N0499")]
+    assert dispatched == ["N0501", "N0502", "N0503"]
+    assert len(await store.in_state(st.DONE, limit=5000)) == 3000 - len(manual)
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("ANALYZE orders; SET plan_cache_mode = force_custom_plan")
+        plan = lambda query, *args: conn.fetchval(f"EXPLAIN (FORMAT JSON) {sqlfiles.queries('postgres')[query]}", *args)
+        assert "orders_by_state" in await plan("orders_in_state", st.MANUAL, "", 100)
+        assert "orders_by_status" in await plan("search_orders", "", ["MANUAL_REVIEW"], "", "", 100)
+        assert "orders_by_state" not in await plan("orders_in_state", st.DONE, "", 100)  # most rows: by number
+    finally:
+        await conn.close()
+
+
 async def test_events_are_written_with_their_checkpoint_in_order(store):
     created = new("N1")._replace(events=(st.Event("N1", "", "CREATED", 100.0),))
     await store.create([created])

@@ -305,16 +305,21 @@ class PostgresStore:
         return [StoredOrder(*r) for r in await self._rows("active_orders", self.holder)]
 
     async def in_state(self, state: str, limit: int = 100, after: str = "") -> list[StoredOrder]:
-        return [StoredOrder(*r) for r in await self._rows("orders_in_state", state, after, limit)]
+        return await self._planned_with_values("orders_in_state", state, after, limit)
 
     async def children(self, parent_no: str) -> list[StoredOrder]:
         return [StoredOrder(*r) for r in await self._rows("children", parent_no)]
 
     async def search(self, *, member: str = "", statuses: tuple[str, ...] = (), state: str = "",
                      limit: int = 100, after: str = "") -> list[StoredOrder]:
+        return await self._planned_with_values("search_orders", member, list(statuses), state, after, limit)
+
+    async def _planned_with_values(self, query: str, *args: Any) -> list[StoredOrder]:
+        """A look-up planned for its values (custom_plans): only then can the planner tell that a
+        partial index (migration 011) or one of the optional filters applies."""
         async def run(conn: asyncpg.Connection) -> list[asyncpg.Record]:
             await conn.execute(Q["custom_plans"])
-            return await conn.fetch(Q["search_orders"], member, list(statuses), state, after, limit)
+            return await conn.fetch(Q[query], *args)
         return [StoredOrder(*r) for r in await self._transaction(run)]
 
     async def history(self, order_no: str) -> list[HistoryEntry]:

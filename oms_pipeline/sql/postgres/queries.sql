@@ -145,8 +145,9 @@ SELECT from_status, to_status, at, events FROM (
 ORDER BY part, id;
 
 -- name: custom_plans
--- For search_orders: a generic plan cannot know which of its optional
--- filters are set, so it could not pick the member or status index.
+-- For search_orders and orders_in_state: a generic plan cannot know which of
+-- the optional filters are set, nor whether a partial index covers the state
+-- or statuses asked for, so it could not pick the member, state or status index.
 SET LOCAL plan_cache_mode = force_custom_plan;
 
 -- name: search_orders
