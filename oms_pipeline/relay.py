@@ -10,6 +10,17 @@ the outbox) only the rows the publisher confirmed. `relay.lanes` such loops run
 side by side, each under a holder id of its own, so the claims keep their rows
 apart and one lane publishes while another waits for its confirms.
 
+Handoff (`Store.outbox_handoff`, PostgreSQL): rows written after the relay
+started come to it in memory once committed, written already claimed by a
+holder id of this process's own (`HOLDER@RANDOM`), so no claim statement runs
+for them. A lane publishes those first; claim passes then run only every
+CLAIM_EVERY seconds (back to back while they find rows) for what the handoff
+does not carry: a dead relay's rows once their lease lapses, rows of this
+instance's previous run (the same: after `relay.lease`), rows written before
+the relay started. A handed row refused on its own is left to its lease, then
+claimed and retried like any other; a batch that could not go out at all is
+given back to the front of the handoff.
+
 Publishers: `LocalPublisher` on the embedded default applies commands
 in-process and hands events to in-process subscribers;
 `adapters/rabbitmq_publisher.py` publishes to a topic exchange with
@@ -51,6 +62,7 @@ import logging
 import random
 import socket
 import time
+import uuid
 from collections import Counter
 from typing import Any, Awaitable, Callable, NamedTuple, Protocol
 
@@ -70,6 +82,8 @@ FIRST_IDLE = 0.005  # seconds: the first sleep after an empty pass, doubling to 
 FIRST_BACKOFF = 0.5  # seconds: the first wait after a failed batch, doubling to relay.max_backoff
 FIRST_ROW_BACKOFF = 1.0  # seconds: a refused row's first wait, doubling to relay.max_backoff
 PENDING_REFRESH = 5.0  # seconds between counts of the outbox (a metric)
+CLAIM_EVERY = 5.0  # seconds between claim passes that found nothing, when the store hands rows off:
+# such a pass reads past every row in flight (all claimed at birth), and what it looks for is older than a lease
 
 Subscriber = Callable[[OutboxRow], Awaitable[None]]
 
@@ -219,6 +233,11 @@ class Relay:
         self.lanes = [_Lane(self, holder if n == 1 else f"{holder}#{i}") for i in range(n)]
         self._wake = anyio.Event()
         self._counted_at = float("-inf")
+        # Rows written from now on come in memory if the store hands them off, claimed at birth by
+        # a holder of this process's own: no lane claims them (a lane's holder differs) until that
+        # claim lapses after `lease`, as a dead process's would.
+        self.handoff = store.outbox_handoff(f"{holder}@{uuid.uuid4().hex[:12]}", clock.now, self.wake)
+        self._claim_after = 0.0  # monotonic: with a handoff, the next claim pass (leftovers, lapsed claims)
 
     async def run(self) -> None:
         """Until cancelled. Never raises: a failure is logged and waited out."""
@@ -260,6 +279,14 @@ class Relay:
             await wake.wait()
         if wake is self._wake and wake.is_set():
             self._wake = anyio.Event()
+
+    def claim_due(self) -> bool:
+        """With a handoff, claims only look for what it does not carry (a dead relay's rows, rows
+        left over or dropped): at most every CLAIM_EVERY seconds, back to back while they find rows."""
+        return self.handoff is None or time.monotonic() >= self._claim_after
+
+    def claimed(self, found: bool) -> None:
+        self._claim_after = time.monotonic() + (0.0 if found else CLAIM_EVERY)
 
     def count_undeliverable(self) -> None:
         self.stats.undeliverable = sum(lane.undeliverable() for lane in self.lanes)
@@ -304,14 +331,57 @@ class _Lane:
     async def drain(self) -> bool:
         """Passes until one finds nothing publishable (failed ones wait their backoff)."""
         async with self._lock:
-            while (outcome := await self._pass()) != IDLE:
+            while (outcome := await self._pass(claim=True)) != IDLE:
                 if outcome == FAILED:
                     await anyio.sleep(self._batch_backoff())
         return True
 
-    async def _pass(self) -> str:
-        """Claim, publish, mark done. IDLE: nothing to publish; BUSY: published something;
-        FAILED: nothing could be published and the lane should wait."""
+    async def _pass(self, claim: bool = False) -> str:
+        """Publish what the store handed over, else claim, publish, mark done. IDLE: nothing to
+        publish; BUSY: published something; FAILED: nothing could be published, the lane waits."""
+        relay = self.relay
+        if relay.handoff is not None:
+            if handed := relay.handoff.take(relay.settings.batch):
+                return await self._publish_handed(handed)
+            if not (claim or relay.claim_due()):
+                return IDLE
+        outcome = await self._claim_pass()
+        relay.claimed(outcome == BUSY)
+        return outcome
+
+    async def _publish_handed(self, rows: list[OutboxRow]) -> str:
+        """Rows the store handed over, already claimed for this process. A row refused on its own
+        is left to its claim's lease (then claimed and retried with a backoff like any other); a
+        batch that could not go out at all is given back, first in line after the lane's wait."""
+        relay = self.relay
+        try:
+            failed = await relay.publisher.publish(rows)
+            refused = {f.row.id for f in failed}
+            done = [row.id for row in rows if row.id not in refused]
+            if done:
+                await relay.store.outbox_done(done)
+        except Exception as exc:  # noqa: BLE001 - as in a claim pass
+            relay.handoff.give_back(rows)
+            return self._failed(exc)
+        transient = [f for f in failed if not f.undeliverable]
+        for failure in failed:
+            if done or failure.undeliverable:
+                self._report(failure, 1, relay.settings.lease)
+        if transient and not done:
+            relay.handoff.give_back([f.row for f in transient])
+            return self._nothing_went_out(transient)
+        self._account(rows, done, [])
+        self._failures = 0
+        return BUSY if done else IDLE
+
+    def _failed(self, exc: Exception) -> str:
+        self._failures += 1
+        self.relay.stats.errors["unavailable"] += 1
+        log.warning("outbox relay: batch not delivered, rows stay for a retry: %r", exc,
+                    extra={"event": "outbox_retry", "failures": self._failures})
+        return FAILED
+
+    async def _claim_pass(self) -> str:
         relay = self.relay
         try:
             rows = await relay.store.outbox_claim(self.holder, relay.settings.batch + len(self._held),
@@ -325,11 +395,7 @@ class _Lane:
             if done:
                 await relay.store.outbox_done(done)
         except Exception as exc:  # noqa: BLE001 - the service must outlive a broker or database outage
-            self._failures += 1
-            relay.stats.errors["unavailable"] += 1
-            log.warning("outbox relay: batch not delivered, rows stay for a retry: %r", exc,
-                        extra={"event": "outbox_retry", "failures": self._failures})
-            return FAILED
+            return self._failed(exc)
         if not done and any(not f.undeliverable for f in failed):
             return self._nothing_went_out(failed)
         self._account(ready, done, failed)
@@ -378,6 +444,10 @@ class _Lane:
         attempts = previous[0].attempts + 1 if previous else 1
         delay = min(FIRST_ROW_BACKOFF * 2 ** (attempts - 1), self.relay.settings.max_backoff)
         self._held[row.id] = (_Backoff(attempts, time.monotonic() + delay), failure.undeliverable)
+        self._report(failure, attempts, delay)
+
+    def _report(self, failure: Failed, attempts: int, delay: float) -> None:
+        row = failure.row
         kind = "undeliverable" if failure.undeliverable else "transient"
         self.relay.stats.errors[kind] += 1
         extra = {"event": f"outbox_{kind}", "order_no": row.order_no, "topic": row.topic,

@@ -234,3 +234,83 @@ async def test_two_instances_with_two_lanes_each_share_one_outbox_without_publis
         tg.cancel_scope.cancel()
     assert len(publisher.seen) == 1000 and set(publisher.seen.values()) == {1}
     assert all(sum(r.stats.published.values()) > 0 for r in relays)  # both took part
+
+
+# -- the store's handoff: rows written after the relay started, published without a claim -----
+
+
+def test_the_handoff_keeps_its_order_gives_back_first_and_drops_the_oldest_beyond_its_limit():
+    woken = []
+    handoff = st.OutboxHandoff("relay@1", lambda: START, lambda: woken.append(1), limit=3)
+    row = lambda i: st.OutboxRow(i, f"O{i}", "order.paid", "", b"{}", START)
+    handoff.put([row(1), row(2)])
+    taken = handoff.take(5)
+    assert [r.id for r in taken] == [1, 2] and len(handoff) == 0
+    handoff.put([row(3)])
+    handoff.give_back(taken)  # not delivered: first in line again, in their order
+    assert [r.id for r in handoff.take(2)] == [1, 2]
+    handoff.put([row(4), row(5), row(6)])  # 4 waiting, limit 3: the oldest stays in the outbox only
+    assert handoff.dropped == 1 and [r.id for r in handoff.take(10)] == [4, 5, 6]
+    assert len(woken) == 3  # every commit wakes the relay
+
+
+async def outbox_claims(store) -> list[tuple[int, str | None]]:
+    import asyncpg
+    conn = await asyncpg.connect(store.url)
+    try:
+        return [tuple(r) for r in await conn.fetch("SELECT id, claimed_by FROM outbox ORDER BY id")]
+    finally:
+        await conn.close()
+
+
+@pytest.mark.postgres
+async def test_rows_written_after_the_relay_started_are_handed_over_claimed_by_it(tmp_path):
+    async with open_store("postgres", tmp_path) as store:
+        ports, log = await sim_ports()
+        await stored_order(store, "O1")
+        relay = Relay(store, LocalPublisher(ports), VirtualClock(START + 2), relay_settings(), "host-1:0")
+        other = Relay(store, LocalPublisher(ports), VirtualClock(START + 2), relay_settings(), "host-2:0")
+        assert relay.handoff is not None and other.handoff is None  # one relay per store takes them
+
+        await checkpoint_with(store, "O1", refund("O1"), events=(Event("O1", "PAID", "CANCELLED", START + 1),))
+
+        handed = relay.handoff.take(10)
+        relay.handoff.give_back(handed)
+        assert [r.topic for r in handed] == ["order.cancelled", "fms.refund"]
+        assert await outbox_claims(store) == [(r.id, relay.handoff.holder) for r in handed]
+        assert await other.drain(5) and other.stats.published == {}  # claimed at birth: not its to take
+        assert await relay.drain(5)
+        assert relay.stats.published == {"fms.refund": 1, "order.cancelled": 1}
+        assert await store.outbox_pending() == 0 and len(log.applied("finance")) == 1
+
+
+@pytest.mark.postgres
+async def test_a_dead_relays_handed_rows_are_claimed_once_its_lease_has_lapsed(tmp_path):
+    async with open_store("postgres", tmp_path) as store:
+        ports, log = await sim_ports()
+        await stored_order(store, "O1")
+        dead = Relay(store, LocalPublisher(ports), VirtualClock(START + 2), relay_settings(lease=30.0), "host-1:0")
+        await checkpoint_with(store, "O1", refund("O1"))
+        assert len(dead.handoff) == 1  # ... and its process dies before publishing it
+
+        early = Relay(store, LocalPublisher(ports), VirtualClock(START + 20), relay_settings(), "host-2:0")
+        assert await early.drain(5) and log.applied("finance") == []
+        late = Relay(store, LocalPublisher(ports), VirtualClock(START + 40), relay_settings(), "host-2:0")
+        assert await late.drain(5)
+        assert len(log.applied("finance")) == 1 and await store.outbox_pending() == 0
+
+
+@pytest.mark.postgres
+async def test_handed_rows_wait_out_a_broker_outage_and_go_out_once(tmp_path):
+    async with open_store("postgres", tmp_path) as store:
+        ports, log = await sim_ports()
+        await stored_order(store, "O1")
+        publisher = Broken(LocalPublisher(ports))
+        relay = Relay(store, publisher, VirtualClock(START + 2), relay_settings(), "host-1:0")
+        await checkpoint_with(store, "O1", refund("O1"))
+
+        assert not await relay.drain(0.3)  # retried with backoff; the row stays first in line
+        assert publisher.attempts >= 2 and len(relay.handoff) == 1 and log.applied("finance") == []
+        publisher.repaired = True
+        assert await relay.drain(5)
+        assert len(log.applied("finance")) == 1 and await store.outbox_pending() == 0

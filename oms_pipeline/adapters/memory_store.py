@@ -6,6 +6,8 @@ contract, but nothing survives the process. With `checkpoints=False`
 """
 from __future__ import annotations
 
+from typing import Callable
+
 from ..ports.store import (ACTIVE_STATES, PARKED, QUEUED, REVERSE_CLOSED, WAIT_PAY, Checkpoint, Event, HistoryEntry,
                            NewOrder, OutboxRow, ReverseRecord, StoredOrder, outbox_entries)
 
@@ -172,6 +174,9 @@ class MemoryStore:
         for entry in entries:
             self._outbox_ids += 1
             self._outbox[self._outbox_ids] = OutboxRow(self._outbox_ids, *entry)
+
+    def outbox_handoff(self, holder: str, now: Callable[[], float], notify: Callable[[], None]) -> None:
+        return None  # the relay claims every row
 
     async def outbox_claim(self, holder: str, limit: int, lease: float, now: float) -> list[OutboxRow]:
         rows = []

@@ -7,7 +7,8 @@ terminal state, at the stage it had last reached.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+from collections import deque
+from typing import Callable, NamedTuple, Protocol
 
 import orjson
 
@@ -61,6 +62,39 @@ class OutboxRow(NamedTuple):
     key: str
     payload: bytes
     at: float
+
+
+class OutboxHandoff:
+    """Outbox rows a store committed, born claimed by the relay's `holder`, waiting for it in
+    memory: the relay publishes them without claiming them first. Only an accelerator: every row
+    is in the outbox too, so a row dropped here (more than `limit` waiting, a relay that gave up
+    on it, a crash) is claimed the ordinary way once its claim's lease has lapsed."""
+
+    def __init__(self, holder: str, now: Callable[[], float], notify: Callable[[], None],
+                 limit: int = 50_000) -> None:
+        self.holder, self.now, self.limit = holder, now, limit
+        self.dropped = 0  # rows left to the lease because too many were waiting
+        self._notify = notify
+        self._rows: deque[OutboxRow] = deque()
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def put(self, rows: list[OutboxRow]) -> None:
+        """Committed rows (the store calls this after its commit)."""
+        self._rows.extend(rows)
+        for _ in range(len(self._rows) - self.limit):
+            self._rows.popleft()
+            self.dropped += 1
+        self._notify()
+
+    def take(self, n: int) -> list[OutboxRow]:
+        rows = self._rows
+        return [rows.popleft() for _ in range(min(n, len(rows)))]
+
+    def give_back(self, rows: list[OutboxRow]) -> None:
+        """Rows taken but not delivered (the broker is away): first in line again."""
+        self._rows.extendleft(reversed(rows))
 
 
 class ReverseRecord(NamedTuple):
@@ -229,6 +263,12 @@ class Store(Protocol):
 
     async def outbox_done(self, ids: list[int]) -> None:
         """The rows were published: they leave the outbox (their events stay in the history)."""
+
+    def outbox_handoff(self, holder: str, now: Callable[[], float],
+                       notify: Callable[[], None]) -> "OutboxHandoff | None":
+        """Optional: from now on the rows this store writes to the outbox are born claimed by
+        `holder` at `now()` and, once committed, handed over in memory (no claim statement).
+        None when the store does not (or already hands them to another relay): claims only."""
 
     async def outbox_pending(self) -> int:
         """Rows not yet published."""

@@ -215,3 +215,9 @@ ORDER BY order_no LIMIT $4;
 -- name: overdue
 SELECT order_no, kind, state, stage, status, attempts, wake_at, doc, parent_no, updated_at
 FROM orders WHERE state IN ('parked', 'wait_pay') AND wake_at < $1 ORDER BY wake_at LIMIT $2;
+
+-- name: outbox_ids
+-- Ids for outbox rows handed to the relay in memory (written with them, claimed by it), from the
+-- identity column's own sequence. Named as a constant: pg_get_serial_sequence() would look the
+-- sequence up again for every id (10 us an id against 0.7).
+SELECT nextval('outbox_id_seq') FROM generate_series(1, $1);
