@@ -375,6 +375,22 @@ async def test_an_order_another_holder_took_over_is_not_checkpointed_by_its_old_
     assert await store.checkpoint([cp("N1", "b", st.QUEUED, "c", at=202.0)]) == {"N1"}
 
 
+async def test_take_over_takes_the_queued_orders_of_every_lapsed_or_unknown_owner_and_no_other(store):
+    owners = {"A": 200.0, "C": None, "D": 90.0, "E": 200.0}  # alive until (None: never renewed)
+    for n, (owner, alive_until) in enumerate(owners.items()):
+        store.own(owner, 10.0)
+        if alive_until is not None:
+            await store.renew(alive_until - 10.0)
+        await store.create([new(f"{owner}1"), new(f"{owner}2")])
+        if owner == "D":
+            await store.checkpoint([cp("D2", "a", st.DONE, "@done", at=95.0)])  # ended: nobody's to take
+    store.own("B", 10.0)
+    await store.renew(100.0)
+    assert sorted(o.order_no for o in await store.take_over(100.0)) == ["C1", "C2", "D1"]
+    assert await store.take_over(100.0) == []
+    assert sorted(o.order_no for o in await store.take_over(300.0, limit=3)) == ["A1", "A2", "E1"]
+
+
 async def test_a_live_instance_keeps_its_orders_and_a_restarted_one_resumes_them(store):
     store.own("A", 10.0)
     await store.create([new("N1")])

@@ -83,11 +83,23 @@ INSERT INTO instances (holder, alive_until) VALUES ($1, $2)
 ON CONFLICT (holder) DO UPDATE SET alive_until = excluded.alive_until;
 
 -- name: take_over
--- Queued orders of owners whose liveness has lapsed (or who never had any).
+-- Queued orders of owners whose liveness has lapsed (or who never had any). The owners of queued
+-- orders are found first, one index probe each (a skip scan of orders_by_owner: there are as many
+-- as instances), then only the lapsed ones' orders are read: every instance runs this every
+-- lease / 3, and reading every queued order of the live instances (a sequential scan of the
+-- table) cost 100 ms a time with a few thousand orders in flight.
+WITH RECURSIVE owners AS (
+    (SELECT owner FROM orders WHERE state = 'queued' AND owner > '' ORDER BY owner LIMIT 1)
+    UNION ALL
+    SELECT (SELECT o.owner FROM orders o WHERE o.state = 'queued' AND o.owner > w.owner
+            ORDER BY o.owner LIMIT 1)
+    FROM owners w WHERE w.owner IS NOT NULL)
 UPDATE orders SET owner = $1
-WHERE order_no IN (SELECT o.order_no FROM orders o LEFT JOIN instances i ON i.holder = o.owner
-                   WHERE o.state = 'queued' AND o.owner NOT IN ('', $1)
-                     AND (i.alive_until IS NULL OR i.alive_until < $2)
+WHERE order_no IN (SELECT o.order_no FROM orders o
+                   WHERE o.state = 'queued'
+                     AND o.owner IN (SELECT w.owner FROM owners w LEFT JOIN instances i ON i.holder = w.owner
+                                     WHERE w.owner IS NOT NULL AND w.owner <> $1
+                                       AND (i.alive_until IS NULL OR i.alive_until < $2))
                    ORDER BY o.order_no LIMIT $3 FOR UPDATE OF o SKIP LOCKED)
 RETURNING order_no, kind, state, stage, status, attempts, wake_at, doc, parent_no, updated_at;
 
