@@ -355,11 +355,7 @@ class _Lane:
         batch that could not go out at all is given back, first in line after the lane's wait."""
         relay = self.relay
         try:
-            failed = await relay.publisher.publish(rows)
-            refused = {f.row.id for f in failed}
-            done = [row.id for row in rows if row.id not in refused]
-            if done:
-                await relay.store.outbox_done(done)
+            done, failed = await self._deliver(rows)
         except Exception as exc:  # noqa: BLE001 - as in a claim pass
             relay.handoff.give_back(rows)
             return self._failed(exc)
@@ -373,6 +369,15 @@ class _Lane:
         self._account(rows, done, [])
         self._failures = 0
         return BUSY if done else IDLE
+
+    async def _deliver(self, rows: list[OutboxRow]) -> tuple[list[int], list[Failed]]:
+        """Publish; what was confirmed leaves the outbox. Returns its ids and the refused rows."""
+        failed = await self.relay.publisher.publish(rows)
+        refused = {f.row.id for f in failed}
+        done = [row.id for row in rows if row.id not in refused]
+        if done:
+            await self.relay.store.outbox_done(done)
+        return done, failed
 
     def _failed(self, exc: Exception) -> str:
         self._failures += 1
@@ -389,11 +394,7 @@ class _Lane:
             ready = self._ready(rows)
             if not ready:
                 return IDLE
-            failed = await relay.publisher.publish(ready)
-            refused = {f.row.id for f in failed}
-            done = [row.id for row in ready if row.id not in refused]
-            if done:
-                await relay.store.outbox_done(done)
+            done, failed = await self._deliver(ready)
         except Exception as exc:  # noqa: BLE001 - the service must outlive a broker or database outage
             return self._failed(exc)
         if not done and any(not f.undeliverable for f in failed):
