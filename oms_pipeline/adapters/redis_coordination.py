@@ -67,14 +67,13 @@ end
 local out = {}
 for i = 1, #KEYS do
   local key, holder = KEYS[i], fields[3 * i - 2]
-  if redis.call('SISMEMBER', key, holder) == 1 then
+  local count = redis.call('SCARD', key)
+  if count < tonumber(fields[3 * i - 1]) then
+    redis.call('SADD', key, holder)  -- a holder already in: no change
+    if count == 0 then redis.call('PEXPIRE', key, fields[3 * i]) end  -- created now (an empty set is no key)
     out[i] = 1
-  elseif redis.call('SCARD', key) >= tonumber(fields[3 * i - 1]) then
-    out[i] = 0
   else
-    redis.call('SADD', key, holder)
-    if redis.call('PTTL', key) == -1 then redis.call('PEXPIRE', key, fields[3 * i]) end
-    out[i] = 1
+    out[i] = redis.call('SISMEMBER', key, holder)  -- at the limit: only those already in
   end
 end
 return out
