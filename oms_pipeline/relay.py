@@ -28,7 +28,9 @@ publisher confirms.
 
 Delivery is at least once. A crash (or a lost confirm) between the publish and
 `outbox_done` publishes the row again. Every message carries a message id for
-de-duplication: a command's own key, or "ORDERNO:event:ID" for an event; a
+de-duplication: a command's own key, or "ORDERNO:event:ID" for an event (an
+outbox id is never given twice, on every store: SQLite since its migration
+010, when an emptied outbox numbered its next row 1 again); a
 command is idempotent by its key downstream, so a second delivery has no
 second effect. No order between rows is promised: each command is complete on
 its own.

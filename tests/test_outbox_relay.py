@@ -314,3 +314,42 @@ async def test_handed_rows_wait_out_a_broker_outage_and_go_out_once(tmp_path):
         publisher.repaired = True
         assert await relay.drain(5)
         assert len(log.applied("finance")) == 1 and await store.outbox_pending() == 0
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_an_emptied_outbox_never_numbers_a_row_again_with_a_published_rows_id(kind, tmp_path):
+    # An event's message id is "ORDERNO:event:ID": a reused id would be taken downstream for a
+    # delivery already seen, and the event dropped.
+    async with open_store(kind, tmp_path) as store:
+        await stored_order(store, "O1")
+        seen = set()
+        for n in range(3):
+            await checkpoint_with(store, "O1", events=(Event("O1", "PAID", f"S{n}", START + 1),))
+            rows = await store.outbox_claim("relay", 10, 30, START + 2)
+            assert len(rows) == 1 and not {message_id(r) for r in rows} & seen
+            seen |= {message_id(r) for r in rows}
+            await store.outbox_done([r.id for r in rows])  # the outbox is empty again
+
+
+def test_the_sqlite_outbox_migration_keeps_waiting_rows_and_numbers_new_ones_above_any_given(tmp_path):
+    import sqlite3
+    import time
+
+    from oms_pipeline import sqlfiles
+    from oms_pipeline.adapters.sqlite_store import migrate
+    conn = sqlite3.connect(tmp_path / "old.sqlite3", isolation_level=None)
+    conn.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, "
+                 "applied_at REAL NOT NULL)")
+    for version, name, sql in sqlfiles.migrations("sqlite"):
+        if version < 10:  # a database made before migration 010
+            for statement in filter(str.strip, sql.split(";")):
+                conn.execute(statement)
+            conn.execute("INSERT INTO schema_migrations VALUES (?, ?, 0)", (version, name))
+    conn.execute("INSERT INTO outbox (order_no, topic, key, payload, at) VALUES ('O1', 'order.paid', '', '{}', 1)")
+    assert migrate(conn) == ["010_outbox_ids_never_reused"]
+    assert conn.execute("SELECT id, order_no, topic FROM outbox").fetchall() == [(1, "O1", "order.paid")]
+    conn.execute("DELETE FROM outbox")
+    conn.execute("INSERT INTO outbox (order_no, topic, key, payload, at) VALUES ('O1', 'order.sent', '', '{}', 2)")
+    (new_id,) = conn.execute("SELECT id FROM outbox").fetchone()
+    assert new_id > (time.time() - 3600) * 1e6  # above any id the old numbering could have given
+    conn.close()
