@@ -353,3 +353,26 @@ def test_the_sqlite_outbox_migration_keeps_waiting_rows_and_numbers_new_ones_abo
     (new_id,) = conn.execute("SELECT id FROM outbox").fetchone()
     assert new_id > (time.time() - 3600) * 1e6  # above any id the old numbering could have given
     conn.close()
+
+
+def metrics_text(relay: Relay) -> str:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from oms_pipeline.metrics import RelayCollector
+    registry = CollectorRegistry()
+    registry.register(RelayCollector(relay))
+    return generate_latest(registry).decode()
+
+
+@pytest.mark.postgres
+async def test_the_handoff_is_seen_in_the_metrics(tmp_path):
+    async with open_store("postgres", tmp_path) as store:
+        ports, _ = await sim_ports()
+        await stored_order(store, "O1")
+        relay = Relay(store, LocalPublisher(ports), VirtualClock(START + 2), relay_settings(), "host-1:0")
+        relay.handoff.limit = 1
+        await checkpoint_with(store, "O1", refund("O1"), events=(Event("O1", "PAID", "CANCELLED", START + 1),))
+        text = metrics_text(relay)
+        assert "oms_outbox_handoff_waiting 1.0" in text and "oms_outbox_handoff_dropped_total 1.0" in text
+    claiming = Relay(MemoryStore(), LocalPublisher(ports), VirtualClock(START), relay_settings(), "host-1:0")
+    assert "oms_outbox_handoff" not in metrics_text(claiming)  # a store without a handoff
