@@ -263,57 +263,64 @@ async def outbox_claims(store) -> list[tuple[int, str | None]]:
         await conn.close()
 
 
-@pytest.mark.postgres
-async def test_rows_written_after_the_relay_started_are_handed_over_claimed_by_it(tmp_path):
+@pytest.fixture
+async def pg_o1(tmp_path):
+    """A PostgreSQL store with order O1 in it (written before any relay), and simulated ports."""
     async with open_store("postgres", tmp_path) as store:
         ports, log = await sim_ports()
         await stored_order(store, "O1")
-        relay = Relay(store, LocalPublisher(ports), VirtualClock(START + 2), relay_settings(), "host-1:0")
-        other = Relay(store, LocalPublisher(ports), VirtualClock(START + 2), relay_settings(), "host-2:0")
-        assert relay.handoff is not None and other.handoff is None  # one relay per store takes them
+        yield store, ports, log
 
-        await checkpoint_with(store, "O1", refund("O1"), events=(Event("O1", "PAID", "CANCELLED", START + 1),))
 
-        handed = relay.handoff.take(10)
-        relay.handoff.give_back(handed)
-        assert [r.topic for r in handed] == ["order.cancelled", "fms.refund"]
-        assert await outbox_claims(store) == [(r.id, relay.handoff.holder) for r in handed]
-        assert await other.drain(5) and other.stats.published == {}  # claimed at birth: not its to take
-        assert await relay.drain(5)
-        assert relay.stats.published == {"fms.refund": 1, "order.cancelled": 1}
-        assert await store.outbox_pending() == 0 and len(log.applied("finance")) == 1
+def relay_at(store, publisher, holder: str, at: float = START + 2, **settings) -> Relay:
+    return Relay(store, publisher, VirtualClock(at), relay_settings(**settings), holder)
 
 
 @pytest.mark.postgres
-async def test_a_dead_relays_handed_rows_are_claimed_once_its_lease_has_lapsed(tmp_path):
-    async with open_store("postgres", tmp_path) as store:
-        ports, log = await sim_ports()
-        await stored_order(store, "O1")
-        dead = Relay(store, LocalPublisher(ports), VirtualClock(START + 2), relay_settings(lease=30.0), "host-1:0")
-        await checkpoint_with(store, "O1", refund("O1"))
-        assert len(dead.handoff) == 1  # ... and its process dies before publishing it
+async def test_rows_written_after_the_relay_started_are_handed_over_claimed_by_it(pg_o1):
+    store, ports, log = pg_o1
+    relay = relay_at(store, LocalPublisher(ports), "host-1:0")
+    other = relay_at(store, LocalPublisher(ports), "host-2:0")
+    assert relay.handoff is not None and other.handoff is None  # one relay per store takes them
 
-        early = Relay(store, LocalPublisher(ports), VirtualClock(START + 20), relay_settings(), "host-2:0")
-        assert await early.drain(5) and log.applied("finance") == []
-        late = Relay(store, LocalPublisher(ports), VirtualClock(START + 40), relay_settings(), "host-2:0")
-        assert await late.drain(5)
-        assert len(log.applied("finance")) == 1 and await store.outbox_pending() == 0
+    await checkpoint_with(store, "O1", refund("O1"), events=(Event("O1", "PAID", "CANCELLED", START + 1),))
+
+    handed = relay.handoff.take(10)
+    relay.handoff.give_back(handed)
+    assert [r.topic for r in handed] == ["order.cancelled", "fms.refund"]
+    assert await outbox_claims(store) == [(r.id, relay.handoff.holder) for r in handed]
+    assert await other.drain(5) and other.stats.published == {}  # claimed at birth: not its to take
+    assert await relay.drain(5)
+    assert relay.stats.published == {"fms.refund": 1, "order.cancelled": 1}
+    assert await store.outbox_pending() == 0 and len(log.applied("finance")) == 1
 
 
 @pytest.mark.postgres
-async def test_handed_rows_wait_out_a_broker_outage_and_go_out_once(tmp_path):
-    async with open_store("postgres", tmp_path) as store:
-        ports, log = await sim_ports()
-        await stored_order(store, "O1")
-        publisher = Broken(LocalPublisher(ports))
-        relay = Relay(store, publisher, VirtualClock(START + 2), relay_settings(), "host-1:0")
-        await checkpoint_with(store, "O1", refund("O1"))
+async def test_a_dead_relays_handed_rows_are_claimed_once_its_lease_has_lapsed(pg_o1):
+    store, ports, log = pg_o1
+    dead = relay_at(store, LocalPublisher(ports), "host-1:0", lease=30.0)
+    await checkpoint_with(store, "O1", refund("O1"))
+    assert len(dead.handoff) == 1  # ... and its process dies before publishing it
 
-        assert not await relay.drain(0.3)  # retried with backoff; the row stays first in line
-        assert publisher.attempts >= 2 and len(relay.handoff) == 1 and log.applied("finance") == []
-        publisher.repaired = True
-        assert await relay.drain(5)
-        assert len(log.applied("finance")) == 1 and await store.outbox_pending() == 0
+    early = relay_at(store, LocalPublisher(ports), "host-2:0", at=START + 20)
+    assert await early.drain(5) and log.applied("finance") == []
+    late = relay_at(store, LocalPublisher(ports), "host-2:0", at=START + 40)
+    assert await late.drain(5)
+    assert len(log.applied("finance")) == 1 and await store.outbox_pending() == 0
+
+
+@pytest.mark.postgres
+async def test_handed_rows_wait_out_a_broker_outage_and_go_out_once(pg_o1):
+    store, ports, log = pg_o1
+    publisher = Broken(LocalPublisher(ports))
+    relay = relay_at(store, publisher, "host-1:0")
+    await checkpoint_with(store, "O1", refund("O1"))
+
+    assert not await relay.drain(0.3)  # retried with backoff; the row stays first in line
+    assert publisher.attempts >= 2 and len(relay.handoff) == 1 and log.applied("finance") == []
+    publisher.repaired = True
+    assert await relay.drain(5)
+    assert len(log.applied("finance")) == 1 and await store.outbox_pending() == 0
 
 
 @pytest.mark.parametrize("kind", ["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -365,14 +372,12 @@ def metrics_text(relay: Relay) -> str:
 
 
 @pytest.mark.postgres
-async def test_the_handoff_is_seen_in_the_metrics(tmp_path):
-    async with open_store("postgres", tmp_path) as store:
-        ports, _ = await sim_ports()
-        await stored_order(store, "O1")
-        relay = Relay(store, LocalPublisher(ports), VirtualClock(START + 2), relay_settings(), "host-1:0")
-        relay.handoff.limit = 1
-        await checkpoint_with(store, "O1", refund("O1"), events=(Event("O1", "PAID", "CANCELLED", START + 1),))
-        text = metrics_text(relay)
-        assert "oms_outbox_handoff_waiting 1.0" in text and "oms_outbox_handoff_dropped_total 1.0" in text
-    claiming = Relay(MemoryStore(), LocalPublisher(ports), VirtualClock(START), relay_settings(), "host-1:0")
+async def test_the_handoff_is_seen_in_the_metrics(pg_o1):
+    store, ports, _ = pg_o1
+    relay = relay_at(store, LocalPublisher(ports), "host-1:0")
+    relay.handoff.limit = 1
+    await checkpoint_with(store, "O1", refund("O1"), events=(Event("O1", "PAID", "CANCELLED", START + 1),))
+    text = metrics_text(relay)
+    assert "oms_outbox_handoff_waiting 1.0" in text and "oms_outbox_handoff_dropped_total 1.0" in text
+    claiming = relay_at(MemoryStore(), LocalPublisher(ports), "host-1:0")
     assert "oms_outbox_handoff" not in metrics_text(claiming)  # a store without a handoff
