@@ -191,12 +191,11 @@ class RelayCollector(Collector):
         for kind in ("unavailable", "transient", "undeliverable"):
             errors.add_metric([kind], stats.errors.get(kind, 0))
         yield errors
-        handoff = self.relay.handoff
-        if handoff is not None:
-            yield GaugeMetricFamily("oms_outbox_handoff_waiting",
-                                    "Committed outbox rows the store handed to the relay in memory, not yet taken.",
-                                    value=len(handoff))
-            yield CounterMetricFamily("oms_outbox_handoff_dropped",
-                                      "Handed rows dropped from memory because too many were waiting (the relay "
-                                      "fell behind): they stay in the outbox and are claimed once their lease lapses.",
-                                      value=handoff.dropped)
+        handoff = self.relay.handoff  # None: a store that does not hand rows off (0 below)
+        yield GaugeMetricFamily("oms_outbox_handoff_waiting",
+                                "Committed outbox rows the store handed to the relay in memory, not yet taken.",
+                                value=len(handoff) if handoff is not None else 0)
+        yield CounterMetricFamily("oms_outbox_handoff_dropped",
+                                  "Handed rows dropped from memory because too many were waiting (the relay "
+                                  "fell behind): they stay in the outbox and are claimed once their lease lapses.",
+                                  value=handoff.dropped if handoff is not None else 0)
