@@ -362,15 +362,20 @@ class _Lane:
             relay.handoff.give_back(rows)
             return self._failed(exc)
         transient = [f for f in failed if not f.undeliverable]
-        for failure in failed:
-            if done or failure.undeliverable:
-                self._report(failure, 1, relay.settings.lease)
-        if transient and not done:
+        if transient and not done:  # nothing went out (the broker or a downstream system is away)
             relay.handoff.give_back([f.row for f in transient])
+            self._leave_to_lease([f for f in failed if f.undeliverable])
             return self._nothing_went_out(transient)
+        self._leave_to_lease(failed)
         self._account(rows, done, [])
         self._failures = 0
         return BUSY if done else IDLE
+
+    def _leave_to_lease(self, failed: list[Failed]) -> None:
+        """Handed rows refused on their own: logged and counted, then claimed once their lease
+        lapses and retried with a backoff like any other."""
+        for failure in failed:
+            self._report(failure, 1, self.relay.settings.lease)
 
     async def _deliver(self, rows: list[OutboxRow]) -> tuple[list[int], list[Failed]]:
         """Publish; what was confirmed leaves the outbox. Returns its ids and the refused rows."""

@@ -571,11 +571,6 @@ async def _next_block(conn: asyncpg.Connection, name: str, size: int) -> int:
     return after - size
 
 
-def _columns(rows: list[Sequence]) -> list[list]:
-    """Rows -> one list per column: the parallel arrays that unnest turns back into rows."""
-    return [list(column) for column in zip(*rows)]
-
-
 # A set-based statement's text columns travel as one string each: SEP before every value, NONE
 # for a null, split again by the server's string_to_array (the leading SEP keeps a single empty
 # value from becoming no value at all). asyncpg encodes an array parameter element by element
@@ -593,8 +588,9 @@ TEXT_COLUMNS = {name: {int(n) - 1 for n in _TEXT_ARRAY.findall(Q[name])} for nam
 
 
 def _statement(name: str, rows: list[Sequence]) -> tuple[Any, ...]:
-    """The named set-based statement and one parameter per column of `rows`."""
-    columns = _columns(rows)
+    """The named set-based statement and one parameter per column of `rows` (the parallel arrays
+    that unnest turns back into rows)."""
+    columns = [list(column) for column in zip(*rows)]
     text = TEXT_COLUMNS[name]
     params = [_joined(column) if i in text else column for i, column in enumerate(columns)]
     if None in params:
