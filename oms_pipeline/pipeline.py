@@ -128,6 +128,7 @@ class Pipeline:
         # written with the cancel's checkpoint whichever path cancels the order.
         self.cancel_commands: Callable[[Order, str], list[st.Command]] = lambda order, reason: []
         self._open_children: dict[str, Family] = {}  # split parents this instance split, children not yet ended
+        self._settling: list[Family] = []  # their last child ended this turn of the loop: to be closed
         self._routes: dict[tuple[str, str], routing.Route] = {}
         self.finished: dict[str, int] = {}
         self.e2e = Histogram(E2E_BUCKETS)
@@ -610,25 +611,31 @@ class Pipeline:
                 family.dispatched = family.dispatched or end == routing.DONE
                 if family.left == 0:
                     del self._open_children[order.parent_no]
-                    self._tg.start_soon(self._settle_family, family)
+                    if not self._settling:
+                        self._tg.start_soon(self._settle_families)
+                    self._settling.append(family)
         for listener in self.listeners:
             listener(end, reason, order)
         self._changed.set()
 
-    async def _settle_family(self, family: Family) -> None:
-        """Every child of a parent split here has ended, each seen ending here: the parent's end
-        needs no read of the store, only its checkpoint. The document written is the one this
-        instance split: while SPLIT nothing changes a parent's document (a cancel goes to its
-        children; the reverse order it leaves on the parent is a record of its own)."""
-        await self._close_parent(family.parent, routing.DONE if family.dispatched else routing.CANCELLED)
+    async def _settle_families(self) -> None:
+        """Every child of these parents has ended, each seen ending here: a parent's end needs no
+        read of the store, only its checkpoint. The document written is the one this instance
+        split: while SPLIT nothing changes a parent's document (a cancel goes to its children; the
+        reverse order it leaves on the parent is a record of its own). The parents whose last
+        child ended in one turn of the loop are closed together, in one checkpoint."""
+        families, self._settling = self._settling, []
+        await self._close_parents([(f.parent, routing.DONE if f.dispatched else routing.CANCELLED)
+                                   for f in families])
 
-    async def _close_parent(self, parent: Job, end: str) -> None:
-        """The split parent's end: done if any child was dispatched, else cancelled."""
-        n = len(parent.order.children)
-        await self._checkpoint([self._record(parent, "children", "settled", f"{n} children ended",
-                                             END_STATES[end], end, None)])
-        for listener in self.listeners:
-            listener(end, "children ended", parent.order)
+    async def _close_parents(self, parents: list[tuple[Job, str]]) -> None:
+        """Split parents' ends: done if any child was dispatched, else cancelled."""
+        await self._checkpoint([self._record(parent, "children", "settled",
+                                             f"{len(parent.order.children)} children ended",
+                                             END_STATES[end], end, None) for parent, end in parents])
+        for parent, end in parents:
+            for listener in self.listeners:
+                listener(end, "children ended", parent.order)
 
     async def _settle_parent(self, parent_no: str) -> None:
         """A parent ends once every child has: done if any child was dispatched. With the store
@@ -648,7 +655,7 @@ class Pipeline:
             return
         end = routing.DONE if any(c.state == st.DONE for c in children) else routing.CANCELLED
         order = order_codec.decode(parent.doc)
-        await self._close_parent(Job(order, self.route_of(order), parent.stage, 0, self.clock.now()), end)
+        await self._close_parents([(Job(order, self.route_of(order), parent.stage, 0, self.clock.now()), end)])
 
     # -- timers and restart ---------------------------------------------------
 

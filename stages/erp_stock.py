@@ -20,7 +20,6 @@ order with nothing occupied at all has nothing to ship and goes to manual.
 """
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
 from oms_pipeline.order import Order
@@ -35,11 +34,12 @@ MODES = ("manual", "cancel", "partial")
 Lines = list[tuple[str, str, int]]
 
 
-def wanted(order: Order) -> Counter[tuple[str, str]]:
+def wanted(order: Order) -> dict[tuple[str, str], int]:
     """Qty to occupy per (sku, warehouse)."""
-    need: Counter[tuple[str, str]] = Counter()
+    need: dict[tuple[str, str], int] = {}
     for line in own_lines(order):
-        need[(line.sku, line.warehouse)] += line.qty
+        key = (line.sku, line.warehouse)
+        need[key] = need.get(key, 0) + line.qty
     return need
 
 
@@ -51,11 +51,13 @@ def _state(order: Order) -> dict[str, Any]:
     return order.results.setdefault("erp_stock", {"try": 0, "occupations": [], "occupied": [], "short": []})
 
 
-def _pending(need: Counter[tuple[str, str]], occupied: Lines) -> Lines:
-    done: Counter[tuple[str, str]] = Counter()
+def _pending(need: dict[tuple[str, str], int], occupied: list[list[Any]]) -> Lines:
+    """What is still to occupy, per (sku, warehouse), in a stable order."""
+    done: dict[tuple[str, str], int] = {}
     for sku, warehouse, qty in occupied:
-        done[(sku, warehouse)] += qty
-    return [(sku, wh, qty - done[(sku, wh)]) for (sku, wh), qty in sorted(need.items()) if qty > done[(sku, wh)]]
+        done[(sku, warehouse)] = done.get((sku, warehouse), 0) + qty
+    return [(sku, wh, qty - done.get((sku, wh), 0)) for (sku, wh), qty in sorted(need.items())
+            if qty > done.get((sku, wh), 0)]
 
 
 def _shortage(order: Order, mode: str, short: Lines, anything_occupied: bool) -> Outcome:
@@ -78,14 +80,15 @@ async def handle(order: Order, ctx: StageContext) -> Outcome:
         return skip(no_shipment_reason(order))
     require_warehouses(ctx.stage, order, lines)
     state = _state(order)
-    pending = _pending(wanted(order), [tuple(x) for x in state["occupied"]])
+    pending = _pending(wanted(order), state["occupied"])
     if not pending:
         return NEXT  # everything was occupied by an earlier attempt
     answer = await ctx.ports.erp.occupy(f"{ctx.key(order)}:{state['try']}", order.order_no, pending)
     short = [tuple(x) for x in answer.short]
-    got = Counter(pending) - Counter(short)
+    # ERP occupies a line whole or not at all: what was asked for and is not short was occupied.
+    missing = set(short)
     state["occupations"].append(answer.occupation_id)
-    state["occupied"].extend(list(line) for line in sorted(got.elements()))
+    state["occupied"].extend([list(line) for line in pending if line not in missing])
     state["short"] = [list(line) for line in short]
     if not short:
         return NEXT
