@@ -37,6 +37,8 @@ def test_smoke_writes_json_markdown_plots_and_an_advised_config(tmp_path):
     assert done.returncode == 0, done.stderr
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["incomplete"] == [] and results["machine"]["cores"] >= 1
+    gauge = results["machine"]["gauge"]  # the speed gauge, taken before the runs
+    assert gauge["raw_chain_items_per_s"] > 0 and gauge["us_per_hop"] > 0
     runs = results["runs"]
     assert {"per_stage", "shared_pool", "per_order", "noop_pipeline", "advised"} <= set(runs)
     for name in ("per_stage", "shared_pool", "per_order"):
@@ -60,6 +62,7 @@ def test_smoke_writes_json_markdown_plots_and_an_advised_config(tmp_path):
     summary = (tmp_path / "summary.md").read_text()
     for heading in ("## Runs", "## Pool strategies", "## Capacity", "## Runtime overhead", "## Pool-size advisor"):
         assert heading in summary
+    assert "speed gauge at start" in summary
     for plot in results["plots"]:
         assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(results["plots"]) == {"throughput.png", "latency.png", "queue_depth.png", "utilisation.png"}

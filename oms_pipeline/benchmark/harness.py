@@ -461,7 +461,16 @@ def _slim(run: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in run.items() if k != "series"}
 
 
+# The speed gauge: this many items through the raw queue chain before the runs, a fraction of a second.
+GAUGE_ITEMS = 20_000
+
+
 def machine() -> dict[str, Any]:
+    """The machine, with a speed gauge taken when the invocation starts: the same host runs
+    the same code at very different speeds from one hour to the next (a shared virtual
+    machine), so figures of different invocations compare only with their gauges beside them."""
     import uvloop
+    gauge = strategies.run(strategies.raw_chain, GAUGE_ITEMS)
     return {"cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-            "uvloop": uvloop.__version__, "load_average": os.getloadavg()}
+            "uvloop": uvloop.__version__, "load_average": os.getloadavg(),
+            "gauge": {"raw_chain_items_per_s": gauge["throughput"], "us_per_hop": gauge["us_per_hop"]}}
