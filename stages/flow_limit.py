@@ -15,6 +15,7 @@ Virtual and drop-shipped lines leave from no warehouse of ours: not counted.
 """
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -42,7 +43,13 @@ def window(now: float, offset_hours: float) -> tuple[str, float]:
     offset = offset_hours * 3600
     local = now + offset
     start = local - local % DAY
-    return time.strftime("%Y%m%d", time.gmtime(start)), start + DAY - offset
+    return _day(start), start + DAY - offset
+
+
+@functools.lru_cache(maxsize=64)
+def _day(start: float) -> str:
+    # One formatting per day (and offset), not per order.
+    return time.strftime("%Y%m%d", time.gmtime(start))
 
 
 def _counter(warehouse: str, day: str) -> str:

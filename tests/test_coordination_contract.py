@@ -83,6 +83,18 @@ async def test_capacity_holds_at_its_limit(coord):
     assert await c.count("flow:WH:1") == 3
 
 
+async def test_several_takes_at_once_answer_each_in_order(coord):
+    """take_capacities: each take as take_capacity would answer it, in the order given (a key at
+    its limit refuses, a holder already counted is let in again, keys are counted apart)."""
+    c, _ = coord
+    assert await c.take_capacity("audit:member:M1", "O0", 1, 60)
+    answers = await c.take_capacities([("audit:member:M1", "O1", 1, 60), ("audit:phone:138", "O1", 1, 60),
+                                       ("audit:member:M1", "O0", 1, 60)])
+    assert answers == [False, True, True]
+    assert await c.count("audit:member:M1") == 1 and await c.count("audit:phone:138") == 1
+    assert await c.take_capacities([]) == []
+
+
 async def test_concurrent_takers_never_overshoot_the_limit(coord):
     """Hundreds of orders asking at once (on Redis they travel together in one pipeline): exactly
     `limit` get in, repeated askers are counted once, and each caller gets its own answer."""

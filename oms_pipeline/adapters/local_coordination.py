@@ -1,6 +1,8 @@
 """In-process coordination for the embedded default (one instance)."""
 from __future__ import annotations
 
+from typing import Sequence
+
 from ..clock import Clock
 
 
@@ -27,6 +29,9 @@ class LocalCoordination:
             return False
         holders.add(holder)
         return True
+
+    async def take_capacities(self, takes: Sequence[tuple[str, str, int, float]]) -> list[bool]:
+        return [await self.take_capacity(*take) for take in takes]
 
     async def release_capacity(self, key: str, holder: str) -> None:
         holders = self._current(key)

@@ -42,7 +42,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Self
+from typing import Self, Sequence
 
 import anyio
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -174,16 +174,35 @@ class RedisCoordination:
         return bool(await self.client.ping())
 
     async def take_capacity(self, key: str, holder: str, limit: int, ttl: float) -> bool:
+        return bool(await self._take(key, holder, limit, ttl))
+
+    async def take_capacities(self, takes: Sequence[tuple[str, str, int, float]]) -> list[bool]:
+        for _, holder, _, _ in takes:
+            self._check(holder)  # before any is queued: all or none go out
+        futures = [self._take(*take) for take in takes]  # queued before the first wait: one script call
+        try:
+            return [bool(await future) for future in futures]
+        except BaseException:
+            for future in futures:  # one failure raised, not one logged per take never awaited
+                if future.done() and not future.cancelled():
+                    future.exception()
+            raise
+
+    def _check(self, holder: str) -> None:
         if self._redis is None:
             raise RuntimeError(NOT_OPEN)
         if ARG_SEP in holder:
             raise ValueError(f"capacity holder {holder!r} contains the separator {ARG_SEP!r}")
+
+    def _take(self, key: str, holder: str, limit: int, ttl: float) -> asyncio.Future:
+        """Queue a take for this turn of the loop's script call; its answer comes in the future."""
+        self._check(holder)
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         if not self._takes:
             loop.call_soon(self._send_takes)
         self._takes.append((self.key(key), f"{ARG_SEP}{holder}{ARG_SEP}{limit}{ARG_SEP}{_ms(ttl)}", future))
-        return bool(await future)
+        return future
 
     def _send_takes(self) -> None:
         calls, self._takes = self._takes, []

@@ -1,7 +1,7 @@
 """Cross-instance coordination: shared counters and locks (Redis in production)."""
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, Sequence
 
 
 class Coordination(Protocol):
@@ -15,6 +15,10 @@ class Coordination(Protocol):
         reached. The counter expires `ttl` seconds after it was first used (a
         daily window key plus a TTL past the window's end).
         """
+
+    async def take_capacities(self, takes: Sequence[tuple[str, str, int, float]]) -> list[bool]:
+        """Several `take_capacity(key, holder, limit, ttl)` at once, answered in order: one
+        round trip for all of them where the adapter has round trips."""
 
     async def release_capacity(self, key: str, holder: str) -> None:
         """Give the holder's use back (the counted work was abandoned)."""

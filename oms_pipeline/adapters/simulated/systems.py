@@ -55,6 +55,7 @@ class _Channel:
         self.effects = effects
         # Attempts are only counted when something is drawn from them.
         self._drawn = self.failure_rate > 0 or (self.latency.mean_ms > 0 and self.latency.dist != "fixed")
+        self._instant = not self._drawn and self.latency.mean_ms <= 0  # no wait, no failure: arrive is a no-op
         self._attempts: dict[tuple[str, Any], int] = {}
 
     async def arrive(self, op: str, identity: Any) -> None:
@@ -77,7 +78,8 @@ class _Channel:
                      result_type: Any = Any) -> T:
         if not isinstance(key, str) or not key:
             raise PermanentError(f"{self.system}.{op}: an idempotency key is required, got {key!r}")
-        await self.arrive(op, key)
+        if not self._instant:
+            await self.arrive(op, key)
         return await self.effects.apply(self.system, op, key, payload, apply,
                                         at=self.clock.now(), result_type=result_type)
 
