@@ -232,9 +232,8 @@ def settle_amounts(goods: int, discount: int, coupon: int, points: int, freight:
 
 
 def _lines(request: dict[str, Any]) -> list[Line]:
-    fields = set(Line.__struct_fields__)
-    return [msgspec.convert({k: v for k, v in raw.items() if k in fields} | {"line_no": no}, Line)
-            for no, raw in enumerate(request["lines"], start=1)]
+    # A request line's keys that are no Line field (components, ...) are left out by convert.
+    return [msgspec.convert({**raw, "line_no": no}, Line) for no, raw in enumerate(request["lines"], start=1)]
 
 
 def _bundles(request: dict[str, Any]) -> dict[str, Any]:

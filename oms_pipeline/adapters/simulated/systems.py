@@ -92,7 +92,7 @@ class _Ids:
 
     def next(self) -> str:
         self.last += 1
-        return f"{self.prefix}{self.last:0{self.width}d}"
+        return self.prefix + str(self.last).zfill(self.width)
 
     def restore(self, issued: str) -> None:
         if issued.startswith(self.prefix) and issued[len(self.prefix):].isdigit():
