@@ -55,6 +55,31 @@ async def test_two_instances_migrating_at_once_apply_each_migration_once(url):
     assert sorted(first + second) == ALL
 
 
+async def test_order_keys_are_filled_from_the_orders_of_a_database_migrated_before_them(url):
+    # Migration 012 moves intake idempotency and the member look-up to order_keys: the orders
+    # already stored keep both.
+    from oms_pipeline.adapters.postgres_store import _apply
+    conn = await asyncpg.connect(url)
+    try:
+        for version, name, sql in sqlfiles.migrations("postgres"):
+            if version < 12:
+                await _apply(conn, version, name, sql)
+        await conn.execute("INSERT INTO orders (order_no, source, external_id, kind, state, stage, status,"
+                           " member_id, doc, created_at, updated_at) VALUES ('N1', 'app', 'E1', 'toc',"
+                           " 'queued', 'a', 'PAID', 'M1', '{}', 1, 1)")
+    finally:
+        await conn.close()
+    assert await migrate(url) == ["012_order_keys"]
+    store = PostgresStore(url)
+    await store.open()
+    try:
+        assert await store.find_external("app", "E1") == "N1"
+        assert await store.create([new("N2")._replace(external_id="E1")]) == [("N1", False)]
+        assert [o.order_no for o in await store.search(member="M1")] == ["N1"]
+    finally:
+        await store.close()
+
+
 async def test_concurrent_checkpoints_share_few_commits(store):
     await store.create([new(f"N{i:04d}") for i in range(1000)])
     before = store.commits
@@ -127,6 +152,7 @@ async def test_open_states_and_statuses_are_found_by_index_final_ones_by_order_n
         assert "orders_by_state" in await plan("orders_in_state", st.MANUAL, "", 100)
         assert "orders_by_status" in await plan("search_orders", "", ["MANUAL_REVIEW"], "", "", 100)
         assert "orders_by_state" not in await plan("orders_in_state", st.DONE, "", 100)  # most rows: by number
+        assert "order_keys_by_member" in await plan("search_orders", "M1", [], "", "", 100)
     finally:
         await conn.close()
 

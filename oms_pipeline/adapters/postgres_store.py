@@ -522,7 +522,7 @@ async def _children(conn: asyncpg.Connection, records: list[Checkpoint], rows: _
         for child in record.children:
             parents.setdefault(child.order_no, record)
             children.append(child)
-    inserted = await _insert_orders(conn, "create_children", children, rows)
+    inserted = await _insert_orders(conn, "create_orders", children, rows)
     for child_no, parent in parents.items():
         if child_no in inserted:
             rows.history.append(history_row(child_no, parent.from_stage, "created", f"child of {parent.order_no}",
@@ -582,7 +582,7 @@ SEP, NONE = "\x1f", "\x1e"
 _TEXT_ARRAY = re.compile(r"\$(\d+)::text\[\]")
 _SPLIT = f"(string_to_array(${{}}::text, E'\\x{ord(SEP):02x}', E'\\x{ord(NONE):02x}'))[2:]"
 JOINED = {name: _TEXT_ARRAY.sub(lambda m: _SPLIT.format(m[1]), Q[name])
-          for name in ("create_orders", "create_children", "orders_by_external", "checkpoint_orders",
+          for name in ("create_orders", "orders_by_external", "checkpoint_orders",
                        "checkpoint_if_orders")}
 TEXT_COLUMNS = {name: {int(n) - 1 for n in _TEXT_ARRAY.findall(Q[name])} for name in JOINED}
 

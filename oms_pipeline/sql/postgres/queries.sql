@@ -31,34 +31,31 @@ SELECT current_database(), to_regclass('schema_migrations') IS NOT NULL;
 SELECT version FROM schema_migrations ORDER BY version;
 
 -- name: create_orders
--- Intake is idempotent on (source, external_id): a known pair inserts nothing
--- and is absent from RETURNING.
+-- New orders and split children. Intake is idempotent on (source, external_id), held by
+-- order_keys (migration 012): a known pair inserts nothing and is absent from RETURNING, and
+-- a replayed split stores no second set of children (their keys repeat).
+WITH n AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+                         $8::text[], $9::bytea[], $10::float8[], $11::text[], $12::float8[])
+        AS n(order_no, source, external_id, kind, state, stage, status, parent_no, doc, at, member_id, wake_at)
+), k AS (
+    INSERT INTO order_keys (source, external_id, order_no, member_id)
+    SELECT n.source, n.external_id, n.order_no, n.member_id FROM n
+    ON CONFLICT DO NOTHING
+    RETURNING order_no
+)
 INSERT INTO orders (order_no, source, external_id, kind, state, stage, status, attempts, wake_at,
                     parent_no, doc, created_at, updated_at, member_id, owner)
 SELECT n.order_no, n.source, n.external_id, n.kind, n.state, n.stage, n.status, 0, n.wake_at,
        n.parent_no, n.doc, n.at, n.at, n.member_id, $13::text
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-            $8::text[], $9::bytea[], $10::float8[], $11::text[], $12::float8[])
-     AS n(order_no, source, external_id, kind, state, stage, status, parent_no, doc, at, member_id, wake_at)
-ON CONFLICT (source, external_id) DO NOTHING
-RETURNING order_no;
-
--- name: create_children
--- A replayed split stores no second set of children (either key may repeat).
-INSERT INTO orders (order_no, source, external_id, kind, state, stage, status, attempts, wake_at,
-                    parent_no, doc, created_at, updated_at, member_id, owner)
-SELECT n.order_no, n.source, n.external_id, n.kind, n.state, n.stage, n.status, 0, n.wake_at,
-       n.parent_no, n.doc, n.at, n.at, n.member_id, $13::text
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-            $8::text[], $9::bytea[], $10::float8[], $11::text[], $12::float8[])
-     AS n(order_no, source, external_id, kind, state, stage, status, parent_no, doc, at, member_id, wake_at)
+FROM n JOIN k USING (order_no)
 ON CONFLICT DO NOTHING
 RETURNING order_no;
 
 -- name: orders_by_external
-SELECT k.source, k.external_id, o.order_no
-FROM unnest($1::text[], $2::text[]) AS k(source, external_id)
-JOIN orders o ON o.source = k.source AND o.external_id = k.external_id;
+SELECT k.source, k.external_id, k.order_no
+FROM unnest($1::text[], $2::text[]) AS q(source, external_id)
+JOIN order_keys k ON k.source = q.source AND k.external_id = q.external_id;
 
 -- name: checkpoint_orders
 -- One row per order (the caller keeps the last record of the batch), sorted
@@ -166,7 +163,8 @@ SET LOCAL plan_cache_mode = force_custom_plan;
 -- Filters left empty ('' / no statuses) match everything; paging is by order number.
 SELECT order_no, kind, state, stage, status, attempts, wake_at, doc, parent_no, updated_at
 FROM orders
-WHERE ($1::text = '' OR member_id = $1::text)
+WHERE ($1::text = '' OR order_no IN (SELECT k.order_no FROM order_keys k
+                                     WHERE k.member_id = $1::text AND k.order_no > $4))
   AND (cardinality($2::text[]) = 0 OR status = ANY ($2::text[]))
   AND ($3::text = '' OR state = $3::text)
   AND order_no > $4
