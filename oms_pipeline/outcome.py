@@ -1,6 +1,7 @@
 """What a stage handler says happened to an order (DESIGN R-1.2)."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -24,7 +25,14 @@ SKIP = Outcome("skip")
 
 
 def skip(reason: str = "") -> Outcome:
-    return Outcome("skip", reason) if reason else SKIP
+    return _skip(reason) if reason else SKIP
+
+
+@functools.lru_cache(maxsize=1024)
+def _skip(reason: str) -> Outcome:
+    # Outcomes are immutable, and a stage skips many orders for one reason ("virtual order:
+    # ..."): one Outcome per reason instead of a frozen dataclass built per order.
+    return Outcome("skip", reason)
 
 
 def park(until: float, reason: str) -> Outcome:

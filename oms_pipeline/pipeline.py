@@ -67,7 +67,9 @@ class Job:
         self.stage = stage
         self.attempts = attempts
         self.started = started
-        self.trail: list[st.Step] = []  # boundaries passed since its last checkpoint (stages with checkpoint = false)
+        # Boundaries passed since its last checkpoint (stages with checkpoint = false), each
+        # (stage, outcome, reason, at) as in st.Step.
+        self.trail: list[tuple[str, str, str, float]] = []
 
 
 class Family:
@@ -378,7 +380,9 @@ class Pipeline:
                         elif durable or job.order.status != IN_FULFILMENT:  # a status change is always written
                             records.append(self._record(job, stage, kind, outcome.reason, st.QUEUED, target, None, now))
                         else:
-                            job.trail.append(st.Step(stage, kind, outcome.reason, now))
+                            # A Step's fields as a plain tuple: NamedTuple's constructor is a Python call,
+                            # and this runs for every order at every unrecorded boundary.
+                            job.trail.append((stage, kind, outcome.reason, now))
                     continue
             else:
                 outcome, target, wake = self._divert(worker, job, outcome, now)

@@ -153,7 +153,9 @@ class Checkpoint(NamedTuple):
     events: tuple[Event, ...] = ()
     commands: tuple[Command, ...] = ()
     reverse: tuple[ReverseRecord, ...] = ()  # reverse orders written (inserted or updated) with it
-    trail: tuple[Step, ...] = ()  # earlier boundaries passed since the last checkpoint, oldest first
+    # Earlier boundaries passed since the last checkpoint, oldest first: Steps, or plain tuples of
+    # a Step's fields (the pipeline's, which makes one per order and stage).
+    trail: tuple[Step | tuple[str, str, str, float], ...] = ()
 
 
 class StoredOrder(NamedTuple):
