@@ -56,8 +56,12 @@ def _pending(need: dict[tuple[str, str], int], occupied: list[list[Any]]) -> Lin
     done: dict[tuple[str, str], int] = {}
     for sku, warehouse, qty in occupied:
         done[(sku, warehouse)] = done.get((sku, warehouse), 0) + qty
-    return [(sku, wh, qty - done.get((sku, wh), 0)) for (sku, wh), qty in sorted(need.items())
-            if qty > done.get((sku, wh), 0)]
+    pending = []
+    for (sku, warehouse), qty in sorted(need.items()):
+        left = qty - done.get((sku, warehouse), 0)
+        if left > 0:
+            pending.append((sku, warehouse, left))
+    return pending
 
 
 def _shortage(order: Order, mode: str, short: Lines, anything_occupied: bool) -> Outcome:

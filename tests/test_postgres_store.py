@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 
 from oms_pipeline import sqlfiles
-from oms_pipeline.adapters.postgres_store import MigrationNeeded, PostgresStore, migrate
+from oms_pipeline.adapters.postgres_store import MigrationNeeded, PostgresStore, _apply, migrate
 from oms_pipeline.ports import store as st
 
 from tests.support.postgres import fresh_postgres_database
@@ -58,7 +58,6 @@ async def test_two_instances_migrating_at_once_apply_each_migration_once(url):
 async def test_order_keys_are_filled_from_the_orders_of_a_database_migrated_before_them(url):
     # Migration 012 moves intake idempotency and the member look-up to order_keys: the orders
     # already stored keep both.
-    from oms_pipeline.adapters.postgres_store import _apply
     conn = await asyncpg.connect(url)
     try:
         for version, name, sql in sqlfiles.migrations("postgres"):

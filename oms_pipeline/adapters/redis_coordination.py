@@ -174,6 +174,7 @@ class RedisCoordination:
         return bool(await self.client.ping())
 
     async def take_capacity(self, key: str, holder: str, limit: int, ttl: float) -> bool:
+        self._check(holder)
         return bool(await self._take(key, holder, limit, ttl))
 
     async def take_capacities(self, takes: Sequence[tuple[str, str, int, float]]) -> list[bool]:
@@ -195,8 +196,8 @@ class RedisCoordination:
             raise ValueError(f"capacity holder {holder!r} contains the separator {ARG_SEP!r}")
 
     def _take(self, key: str, holder: str, limit: int, ttl: float) -> asyncio.Future:
-        """Queue a take for this turn of the loop's script call; its answer comes in the future."""
-        self._check(holder)
+        """Queue a take (its holder checked) for this turn of the loop's script call; its answer
+        comes in the future."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         if not self._takes:

@@ -28,13 +28,10 @@ def main_run(results: dict[str, Any]) -> str | None:
     return next(iter(runs), None)
 
 
-def _gauge(m: dict[str, Any]) -> list[str]:
-    g = m.get("gauge")
-    if not g:
-        return []
-    return [f"- speed gauge at start: {g['raw_chain_items_per_s']:,.0f} items/s through a raw 16-hop "
+def _gauge(g: dict[str, Any]) -> str:
+    return (f"- speed gauge at start: {g['raw_chain_items_per_s']:,.0f} items/s through a raw 16-hop "
             f"`asyncio.Queue` chain ({g['us_per_hop']} µs a hop); figures of invocations with "
-            f"different gauges are not comparable"]
+            f"different gauges are not comparable")
 
 
 def markdown(r: dict[str, Any]) -> str:
@@ -44,7 +41,7 @@ def markdown(r: dict[str, Any]) -> str:
              f"- started {r['started']}, finished {r.get('finished', '')}",
              f"- machine: {r['machine']['cores']} cores, Python {r['machine']['python']}, "
              f"uvloop {r['machine']['uvloop']}, load average at start {_loads(r['machine']['load_average'])}",
-             *_gauge(r["machine"]),
+             _gauge(r["machine"]["gauge"]),
              f"- load: {_load(s)}", ""]
     lines += _runs_table(r["runs"])
     c = r["comparisons"]

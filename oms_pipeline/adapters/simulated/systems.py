@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterator
 
 import anyio
 import msgspec
@@ -43,6 +43,18 @@ def _hash_int(*parts: Any) -> int:
     return int.from_bytes(_digest(*parts)[:8], "big")
 
 
+class _Now:
+    """An awaitable that is done at once: no coroutine, no wait."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Iterator[None]:
+        return iter(())
+
+
+_NOW = _Now()
+
+
 class _Channel:
     """One system's link: latency and failure before the call, the effect log after."""
 
@@ -55,14 +67,17 @@ class _Channel:
         self.effects = effects
         # Attempts are only counted when something is drawn from them.
         self._drawn = self.failure_rate > 0 or (self.latency.mean_ms > 0 and self.latency.dist != "fixed")
-        self._instant = not self._drawn and self.latency.mean_ms <= 0  # no wait, no failure: arrive is a no-op
+        self._instant = not self._drawn and self.latency.mean_ms <= 0  # no wait, no failure
         self._attempts: dict[tuple[str, Any], int] = {}
 
-    async def arrive(self, op: str, identity: Any) -> None:
-        """Wait the call's latency, then fail it or let it through (reads use this alone)."""
+    def arrive(self, op: str, identity: Any) -> Awaitable[None]:
+        """Wait the call's latency, then fail it or let it through (reads use this alone). With
+        neither a latency nor failures there is nothing to wait for: no coroutine is made."""
+        return _NOW if self._instant else self._arrive(op, identity)
+
+    async def _arrive(self, op: str, identity: Any) -> None:
         if not self._drawn:
-            if self.latency.mean_ms > 0:
-                await anyio.sleep(self.latency.mean_ms / 1000)
+            await anyio.sleep(self.latency.mean_ms / 1000)
             return
         slot = (op, identity)
         attempt = self._attempts.get(slot, 0)
@@ -78,8 +93,7 @@ class _Channel:
                      result_type: Any = Any) -> T:
         if not isinstance(key, str) or not key:
             raise PermanentError(f"{self.system}.{op}: an idempotency key is required, got {key!r}")
-        if not self._instant:
-            await self.arrive(op, key)
+        await self.arrive(op, key)
         return await self.effects.apply(self.system, op, key, payload, apply,
                                         at=self.clock.now(), result_type=result_type)
 
