@@ -108,11 +108,7 @@ def auth(token: str) -> Callable:
 
 
 async def body_json(request: web.Request) -> Any:
-    raw = await request.read()
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise BadInput([{"path": "$", "reason": f"not valid JSON: {exc}"}]) from None
+    return schemas.decode_json(await request.read())
 
 
 BadInput = schemas.Invalid  # the broker intake rejects with the same errors (dead-letter reason)
@@ -144,7 +140,7 @@ class Api:
 
     async def create_order(self, request: web.Request) -> web.Response:
         # The same two calls as the broker's intake queue (oms_pipeline/intake_queues.py).
-        order = self.app.intake.request(await body_json(request))
+        order = self.app.intake.request_body(await request.read())
         created = (await self.app.intake.create([order]))[0]
         if created.refused:
             return problem(409, created.refused)  # e.g. "out of stock: SKU@WH"; no order was created

@@ -50,14 +50,28 @@ class Intake:
         self._numbers = OrderNumbers(daemon.order_no_key.encode(), daemon.instance_id,
                                      lambda n: self._blocks.popleft(), block=BLOCK)
 
+    def request_body(self, body: bytes) -> dict[str, Any]:
+        """A request body (JSON) checked against the order schema, as `create` takes it; raises
+        schemas.Invalid listing every field error. The API, the broker intake and the benchmark
+        call this. A valid body is decoded and checked in one call (`schemas.ORDER_FAST`); any
+        other goes through `request`, which names every error."""
+        request = schemas.ORDER_FAST.parse(body)
+        if request is None:
+            return self.request(schemas.decode_json(body))
+        self._check_lines(len(request["lines"]))
+        return request
+
     def request(self, data: Any) -> dict[str, Any]:
         """A decoded request body checked against the order schema, as `create` takes it; raises
-        schemas.Invalid listing every field error. The API and the broker intake both call this."""
+        schemas.Invalid listing every field error."""
         order = schemas.validate(schemas.OrderIn, data)
+        self._check_lines(len(order.lines))
+        return order.model_dump(mode="json")
+
+    def _check_lines(self, count: int) -> None:
         max_lines = self.settings.intake.max_lines
-        if len(order.lines) > max_lines:
+        if count > max_lines:
             raise schemas.Invalid([{"path": "lines", "reason": f"more than {max_lines} lines"}])
-        return order.model_dump(mode="json", exclude_none=True)
 
     async def _reserve_numbers(self, n: int) -> None:
         """Make sure n numbers are reserved: blocks come from the store, so a

@@ -42,11 +42,7 @@ def handlers(app: Any) -> dict[str, Handler]:
     return out
 
 
-def decode(body: bytes) -> Any:
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise schemas.Invalid([{"path": "$", "reason": f"not valid JSON: {exc}"}]) from None
+decode = schemas.decode_json
 
 
 def orders_handler(intake: Intake) -> Handler:
@@ -56,7 +52,7 @@ def orders_handler(intake: Intake) -> Handler:
         requests: list[dict[str, Any]] = []
         for i, body in enumerate(bodies):
             try:
-                requests.append(intake.request(decode(body)))
+                requests.append(intake.request_body(body))
                 valid.append(i)
             except schemas.Invalid as exc:
                 verdicts[i] = Verdict(INVALID, f"invalid order: {exc}")

@@ -5,10 +5,15 @@ are errors, so a misspelt field never silently drops data.
 """
 from __future__ import annotations
 
+import types
 from datetime import date
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Callable, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, model_validator
+import annotated_types
+import msgspec
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, ValidationError, model_validator
+from pydantic.fields import FieldInfo
 
 from .order import KINDS, PAYMENT_METHODS, SOURCES, ZONES
 
@@ -75,16 +80,25 @@ class OrderIn(_Strict):
 
     @model_validator(mode="after")
     def _coherent(self) -> "OrderIn":
-        for i, line in enumerate(self.lines):
-            if line.components and not line.bundle:
-                raise ValueError(f"lines.{i}.components: only a bundle line has components")
-        goods = sum(line.qty * line.unit_price for line in self.lines)
-        a = self.amounts
-        if a.discount + a.coupon + a.points > goods:
-            raise ValueError("amounts: discount + coupon + points exceed the goods total (freight is not discounted)")
-        if self.delivery_promise == "scheduled" and not any(line.delivery_date for line in self.lines):
-            raise ValueError("delivery_promise: scheduled needs a delivery_date on a line")
+        problem = incoherence(self)
+        if problem:
+            raise ValueError(problem)
         return self
+
+
+def incoherence(order: Any) -> str:
+    """What makes an order request incoherent across its fields ("path: reason"), or "". Takes
+    an `OrderIn` or its fast-path struct (`FastSchema`): both have the same attributes."""
+    for i, line in enumerate(order.lines):
+        if line.components and not line.bundle:
+            return f"lines.{i}.components: only a bundle line has components"
+    goods = sum(line.qty * line.unit_price for line in order.lines)
+    a = order.amounts
+    if a.discount + a.coupon + a.points > goods:
+        return "amounts: discount + coupon + points exceed the goods total (freight is not discounted)"
+    if order.delivery_promise == "scheduled" and not any(line.delivery_date for line in order.lines):
+        return "delivery_promise: scheduled needs a delivery_date on a line"
+    return ""
 
 
 class PaymentIn(_Strict):
@@ -173,8 +187,104 @@ class Invalid(Exception):
         return "; ".join(f"{e['path']}: {e['reason']}" for e in self.errors)
 
 
+def decode_json(body: bytes) -> Any:
+    """A request body as Python values; what is not JSON is Invalid, with the parser's reason."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise Invalid([{"path": "$", "reason": f"not valid JSON: {exc}"}]) from None
+
+
 def validate(model: type, data: Any) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise Invalid(errors(exc)) from None
+
+
+class FastSchema:
+    """A model's schema as msgspec structs, derived from the pydantic model (its one source):
+    `parse(body)` decodes and checks a request body in one C call, ~5x faster than JSON decoding
+    then pydantic. It answers only for bodies it accepts (None for any other); the caller then
+    asks pydantic, which lists every error (msgspec stops at the first) and stays the authority
+    on what is valid: a body msgspec refuses but pydantic's lax parsing takes (a float as a numeric
+    string, say) is still accepted. The derivation covers the field types and constraints these
+    schemas use and refuses others, so a new kind of field cannot be skipped unchecked;
+    tests/test_fast_schema.py holds the two to the same verdicts."""
+
+    def __init__(self, model: type[BaseModel], check: Callable[[Any], str] | None = None) -> None:
+        self._structs: dict[type, type] = {}
+        self._decoder = msgspec.json.Decoder(self._struct(model))
+        self._check = check
+
+    def parse(self, body: bytes) -> dict[str, Any] | None:
+        """The request as pydantic's `model_dump(mode="json")` gives it, or None."""
+        try:
+            value = self._decoder.decode(body)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            return None
+        if self._check is not None and self._check(value):
+            return None
+        return msgspec.to_builtins(value)
+
+    def _struct(self, model: type[BaseModel]) -> type:
+        found = self._structs.get(model)
+        if found is None:
+            fields = []
+            for name, info in model.model_fields.items():
+                kind = self._type(info.annotation, info.metadata)
+                if info.is_required():
+                    fields.append((name, kind))
+                elif isinstance(info.default, BaseModel):
+                    fields.append((name, kind, msgspec.field(default_factory=self._struct(type(info.default)))))
+                else:
+                    fields.append((name, kind, info.default))
+            found = msgspec.defstruct(f"Fast{model.__name__}", fields, kw_only=True, frozen=True,
+                                      forbid_unknown_fields=True)
+            self._structs[model] = found
+        return found
+
+    def _type(self, annotation: Any, metadata: list[Any]) -> Any:
+        origin, args = get_origin(annotation), get_args(annotation)
+        if origin is Annotated:
+            extra = [m for a in args[1:] for m in (a.metadata if isinstance(a, FieldInfo) else [a])]
+            return self._type(args[0], [*metadata, *extra])
+        if origin in (Union, types.UnionType):
+            if metadata:
+                raise TypeError(f"constraints on a union: {annotation}")
+            return Union[tuple(self._type(a, []) for a in args)]  # noqa: UP007 - built at run time
+        if origin is Literal:
+            kind = annotation
+        elif origin is list:
+            kind = list[self._type(args[0], [])]  # type: ignore[misc]
+        elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            kind = self._struct(annotation)
+        elif annotation in (str, int, bool, float, date, type(None)):
+            kind = annotation  # msgspec is strict: no numeric strings, no bools as ints
+        else:
+            raise TypeError(f"no fast-path type for {annotation}")
+        meta = self._meta(metadata)
+        return Annotated[kind, msgspec.Meta(**meta)] if meta else kind
+
+    @staticmethod
+    def _meta(metadata: list[Any]) -> dict[str, Any]:
+        meta: dict[str, Any] = {}
+        for m in metadata:
+            if isinstance(m, Strict):
+                continue  # what msgspec does anyway
+            if isinstance(m, (annotated_types.Ge, annotated_types.Le)):
+                meta.update(ge=m.ge) if isinstance(m, annotated_types.Ge) else meta.update(le=m.le)
+            elif isinstance(m, annotated_types.MinLen):
+                meta["min_length"] = m.min_length
+            elif isinstance(m, annotated_types.MaxLen):
+                meta["max_length"] = m.max_length
+            elif getattr(m, "pattern", None) is not None and set(vars(m)) == {"pattern"}:
+                # pydantic's engine anchors `$` at the very end; Python's `re` (msgspec's) also
+                # before a final newline: `\Z` is the end in both senses.
+                meta["pattern"] = m.pattern[:-1] + r"\Z" if m.pattern.endswith("$") else m.pattern
+            else:
+                raise TypeError(f"no fast-path constraint for {m!r}")
+        return meta
+
+
+ORDER_FAST = FastSchema(OrderIn, incoherence)

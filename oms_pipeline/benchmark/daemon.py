@@ -21,7 +21,7 @@ import anyio
 import orjson
 
 from .. import app as app_module
-from .. import config, intake_queues, routing
+from .. import config, routing
 from ..generator import generate
 from .probe import Recorder
 from .scenario import ROOT, Scenario, merge
@@ -118,7 +118,7 @@ class Daemon(PipelineView):
         """The arrivals' bodies through the broker intake's own calls: decoded, checked against the
         order schema, then created as one batch."""
         intake = self.app.intake
-        batch = [intake.request(intake_queues.decode(body)) for body in islice(self.bodies, end - first)]
+        batch = [intake.request_body(body) for body in islice(self.bodies, end - first)]
         for request, i in zip(batch, range(first, end)):
             self.recorder.arrive(request["external_id"], scheduled_at[i])
         for request, created in zip(batch, await intake.create(batch)):
