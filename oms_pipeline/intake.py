@@ -66,7 +66,7 @@ class Intake:
         schemas.Invalid listing every field error."""
         order = schemas.validate(schemas.OrderIn, data)
         self._check_lines(len(order.lines))
-        return order.model_dump(mode="json")
+        return order.model_dump(mode="json", exclude_none=True)
 
     def _check_lines(self, count: int) -> None:
         max_lines = self.settings.intake.max_lines

@@ -86,6 +86,8 @@ def _num(v: Any, digits: int = 1) -> str:
 
 def _runs_table(runs: dict[str, Any]) -> list[str]:
     rows = ["## Runs", "", "Orders/s of a repeated run is its median round (every round in brackets).", "",
+            "Ended: orders that ended, with those that ended other than done (in manual review, "
+            "cancelled, refused) named in brackets.", "",
             "Outbox: the rows not yet published when the last order ended, and the seconds until the "
             "relay had published them all; orders/s with the outbox drained counts until then.", "",
             "| run | orders | ended | orders/s | p50 ms | p95 ms | p99 ms | CPU cores | "
@@ -100,12 +102,19 @@ def _runs_table(runs: dict[str, Any]) -> list[str]:
         if run.get("instances", 1) > 1:
             name = (f"{name} ({run['instances']} instances: "
                     f"{' + '.join(_num(t) for t in run['instance_throughput'])} orders/s)")
-        rows.append(f"| {name} | {run['orders']:,} | {run['finished']:,} | {_num(run['throughput'])}{each} | "
+        rows.append(f"| {name} | {run['orders']:,} | {run['finished']:,}{_other_ends(run)} | {_num(run['throughput'])}{each} | "
                     f"{_num(lat.get('p50'))} | {_num(lat.get('p95'))} | {_num(lat.get('p99'))} | "
                     f"{_num(run.get('cpu_cores'), 2)} | {_num(run.get('cpu_ms_per_order'), 3)} | "
                     f"{_num(run.get('rss_peak_mb'))} | {_num(run.get('outbox_left_at_end'), 0)} | "
                     f"{_num(run.get('outbox_drained_s'), 2)} | {_num(run.get('throughput_drained'))} |")
     return rows + [""]
+
+
+def _other_ends(run: dict[str, Any]) -> str:
+    """How many orders ended other than done (manual review, cancelled, refused...): a run whose
+    orders left the flow early did less work per order, so its rate is not a full run's."""
+    other = {end.lstrip("@"): n for end, n in sorted(run.get("ends", {}).items()) if end != "@done" and n}
+    return " (" + ", ".join(f"{end} {n:,}" for end, n in other.items()) + ")" if other else ""
 
 
 def _strategies(c: dict[str, Any], r: dict[str, Any]) -> list[str]:
