@@ -64,6 +64,7 @@ FLAGS: tuple[FlagSpec, ...] = (
 # Positions 19..32 are reserved.
 
 _BY_NAME = {spec.name: spec for spec in FLAGS}
+_INDEX = {spec.name: spec.position - 1 for spec in FLAGS}
 
 
 def _spec(name: str) -> FlagSpec:
@@ -96,7 +97,11 @@ def set_flag(flags: str, name: str, value: str = "1") -> str:
 
 
 def value(flags: str, name: str) -> str:
-    return _normalised(flags)[_spec(name).position - 1]
+    i = _INDEX.get(name)
+    if i is None:
+        _spec(name)  # raises, naming the known flags
+    # The stages read flags of every order at every stage: a full-width string is read as it is.
+    return flags[i] if len(flags) == WIDTH else _normalised(flags)[i]
 
 
 def has(flags: str, name: str) -> bool:

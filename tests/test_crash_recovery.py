@@ -19,7 +19,7 @@ from oms_pipeline.generator import generate
 from oms_pipeline.order import decode, document
 from oms_pipeline.adapters import postgres_store
 from tests.conftest import require_service
-from tests.support.daemon import Daemon, production_backends, write_config
+from tests.support.daemon import NO_CHECKPOINTS, Daemon, production_backends, write_config
 from tests.support.postgres import fresh_postgres_database
 from tests.support.rabbitmq import delete_topology
 
@@ -74,18 +74,7 @@ def _quietly(fn, *args) -> None:
 
 
 # The default (every boundary after an io stage; cpu stages, pure functions, run again), and
-# only rests, ends and status changes (`checkpoint = false` everywhere): a kill then replays
-# several stages per order, each effect keyed.
-NO_CHECKPOINTS = """
-[stage_defaults.io]
-pool = 32
-checkpoint = false
-[stage_defaults.cpu]
-pool = 2
-checkpoint = false
-"""
-
-
+# NO_CHECKPOINTS: a kill then replays several stages per order, each effect keyed.
 @pytest.mark.parametrize("policy", ["", NO_CHECKPOINTS], ids=["default", "checkpoint-false"])
 def test_two_sigkills_lose_nothing_and_apply_every_effect_once(tmp_path, policy):
     effects_path = tmp_path / "effects.sqlite3"
@@ -125,7 +114,10 @@ def _assert_all_ended_once(rows: list[dict], orders: list[dict], effects_path) -
 
 
 @pytest.mark.anyio
-async def test_three_sigkills_on_the_production_backends_lose_nothing_and_apply_every_effect_once(tmp_path):
+@pytest.mark.parametrize("policy", ["", NO_CHECKPOINTS], ids=["default", "checkpoint-false"])
+async def test_three_sigkills_on_the_production_backends_lose_nothing_and_apply_every_effect_once(tmp_path, policy):
+    """Also with every stage `checkpoint = false`, the configuration the production throughput
+    benchmark runs (bench/scenarios/production_2x_no_checkpoints.toml)."""
     require_service("RabbitMQ", "127.0.0.1", 5672)
     require_service("Redis", "127.0.0.1", 6379)
     prefix = f"oms-crash-{uuid.uuid4().hex[:8]}"
@@ -133,7 +125,7 @@ async def test_three_sigkills_on_the_production_backends_lose_nothing_and_apply_
     rng = random.Random(5)
     async with fresh_postgres_database() as url:
         await postgres_store.migrate(url)
-        config, port = write_config(tmp_path, f"""
+        config, port = write_config(tmp_path, f"""{policy}
 {production_backends(prefix)}[downstream]
 seed = 11
 effect_log = "{effects_path}"

@@ -23,7 +23,7 @@ from oms_pipeline.adapters import postgres_store
 from oms_pipeline.adapters.simulated.effects import read_effects
 from oms_pipeline.generator import generate
 from tests.conftest import require_service
-from tests.support.daemon import Daemon, production_backends, write_config
+from tests.support.daemon import NO_CHECKPOINTS, Daemon, production_backends, write_config
 from tests.support.postgres import fresh_postgres_database
 from tests.support.rabbitmq import Publisher, delete_topology
 
@@ -34,10 +34,10 @@ PLAIN = {"kind": "tob", "source": "sales_plan", "payment_method": "none", "remar
          "delivery_promise": "standard", "presale": False}
 
 
-def instance(tmp: Path, i: int, url: str, prefix: str) -> Daemon:
+def instance(tmp: Path, i: int, url: str, prefix: str, policy: str = "") -> Daemon:
     folder = tmp / f"instance-{i}"
     folder.mkdir()
-    extra = f"""
+    extra = f"""{policy}
 {production_backends(prefix)}[downstream]
 effect_log = "{folder / 'effects.sqlite3'}"
 [stages.flow_limit.settings]
@@ -96,14 +96,15 @@ async def test_two_instances_share_the_orders_and_never_apply_an_effect_twice(tm
             await delete_topology(prefix)
 
 
-async def test_a_dead_instances_orders_are_taken_over_by_the_other(tmp_path):
+@pytest.mark.parametrize("policy", ["", NO_CHECKPOINTS], ids=["default", "checkpoint-false"])
+async def test_a_dead_instances_orders_are_taken_over_by_the_other(tmp_path, policy):
     require_service("RabbitMQ", "127.0.0.1", 5672)
     require_service("Redis", "127.0.0.1", 6379)
     prefix = f"oms-takeover-{uuid.uuid4().hex[:8]}"
     n = 400
     async with fresh_postgres_database() as url:
         await postgres_store.migrate(url)
-        a, b = instance(tmp_path, 1, url, prefix), instance(tmp_path, 2, url, prefix)
+        a, b = instance(tmp_path, 1, url, prefix, policy), instance(tmp_path, 2, url, prefix, policy)
         try:
             orders = [{**r, **PLAIN, "external_id": f"TAKE-{i}"} for i, r in enumerate(generate(n, 78))]
             publisher = Publisher(f"{prefix}.intake.orders", [orjson.dumps(o) for o in orders])

@@ -112,6 +112,19 @@ class Daemon:
         return self.call("POST", path, body)
 
 
+# Every stage `checkpoint = false`: only rests, ends, pauses and status changes are written, so a
+# kill (or a take-over) replays every stage since the order's last rest, each effect keyed. It is
+# what the production throughput benchmark runs (bench/scenarios/production_2x_no_checkpoints.toml).
+NO_CHECKPOINTS = """
+[stage_defaults.io]
+pool = 32
+checkpoint = false
+[stage_defaults.cpu]
+pool = 2
+checkpoint = false
+"""
+
+
 def production_backends(prefix: str) -> str:
     """Config text putting the broker on RabbitMQ and the counters on Redis, under the test's own
     prefix (queues, exchanges and keys of one test never meet another's); store.url is

@@ -143,6 +143,8 @@ class EffectLog:
         `effect` runs synchronously, so checking the key and applying it cannot
         interleave with another call. An exception from it records nothing.
         """
+        if self._writer is None:
+            return self.apply_now(system, op, key, payload, effect, at=at)
         if self._failed is not None:
             raise RuntimeError(f"effect log {self.path}: an earlier commit failed: {self._failed}")
         if not self.is_open:
@@ -157,6 +159,24 @@ class EffectLog:
         self._keep(row)
         if self._writer is not None:
             await self._persist(ident, row)
+        return result
+
+    def apply_now(self, system: str, op: str, key: str, payload: dict[str, Any], effect: Callable[[], T], *,
+                  at: float) -> T:
+        """`apply` on a log kept in memory alone (`not durable`): there is no commit to wait for,
+        so it is a plain call (the simulated systems take it when they have no latency either)."""
+        if self._writer is not None:
+            raise RuntimeError(f"effect log {self.path} is durable: use apply()")
+        ident = (key, system, op)
+        found = self._results.get(ident, _MISSING)
+        if found is not _MISSING:
+            self.duplicates[system] = self.duplicates.get(system, 0) + 1
+            return found
+        result = effect()
+        self._results[ident] = result
+        self.counts[system] = self.counts.get(system, 0) + 1
+        if self.retain:
+            self._effects.append(Effect(key, system, op, payload, result, at))
         return result
 
     async def _duplicate(self, ident: tuple[str, str, str], found: Any, result_type: Any) -> Any:

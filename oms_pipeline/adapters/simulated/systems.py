@@ -93,6 +93,8 @@ class _Channel:
                      result_type: Any = Any) -> T:
         if not isinstance(key, str) or not key:
             raise PermanentError(f"{self.system}.{op}: an idempotency key is required, got {key!r}")
+        if self._instant and not self.effects.durable:  # nothing to wait for: a plain call
+            return self.effects.apply_now(self.system, op, key, payload, apply, at=self.clock.now())
         await self.arrive(op, key)
         return await self.effects.apply(self.system, op, key, payload, apply,
                                         at=self.clock.now(), result_type=result_type)
