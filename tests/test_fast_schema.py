@@ -88,6 +88,16 @@ def test_the_fast_path_never_accepts_what_pydantic_refuses():
     assert fast_only_refused < refused_by_both
 
 
+@pytest.mark.parametrize("first, last", [("toc", "tob"), ("toc", "bogus"), ("bogus", "toc")])
+def test_a_key_given_twice_counts_as_pydantic_counts_it(first, last):
+    body = orjson.dumps(next(generate(1, 5))).decode()
+    at = body.index('"kind":')
+    end = body.index(",", at)
+    twice = f'{body[:at]}"kind":"{first}","kind":"{last}"{body[end:]}'.encode()
+    fast, slow = schemas.ORDER_FAST.parse(twice), _pydantic(twice)
+    assert fast is None or fast == slow
+
+
 @pytest.mark.parametrize("body, path", [
     (b'{"source": "app"', "$"),
     (b"[1, 2]", "$"),
