@@ -291,8 +291,10 @@ class FastSchema:
         for m in metadata:
             if isinstance(m, Strict):
                 continue  # what msgspec does anyway
-            if isinstance(m, (annotated_types.Ge, annotated_types.Le)):
-                meta.update(ge=m.ge) if isinstance(m, annotated_types.Ge) else meta.update(le=m.le)
+            if isinstance(m, annotated_types.Ge):
+                meta["ge"] = m.ge
+            elif isinstance(m, annotated_types.Le):
+                meta["le"] = m.le
             elif isinstance(m, annotated_types.MinLen):
                 meta["min_length"] = m.min_length
             elif isinstance(m, annotated_types.MaxLen):

@@ -157,8 +157,7 @@ class EffectLog:
         self._results[ident] = result
         row = Effect(key, system, op, payload, result, at)
         self._keep(row)
-        if self._writer is not None:
-            await self._persist(ident, row)
+        await self._persist(ident, row)
         return result
 
     def apply_now(self, system: str, op: str, key: str, payload: dict[str, Any], effect: Callable[[], T], *,

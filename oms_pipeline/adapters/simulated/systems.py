@@ -68,6 +68,7 @@ class _Channel:
         # Attempts are only counted when something is drawn from them.
         self._drawn = self.failure_rate > 0 or (self.latency.mean_ms > 0 and self.latency.dist != "fixed")
         self._instant = not self._drawn and self.latency.mean_ms <= 0  # no wait, no failure
+        self._plain = self._instant and not effects.durable  # an effect is then a plain call
         self._attempts: dict[tuple[str, Any], int] = {}
 
     def arrive(self, op: str, identity: Any) -> Awaitable[None]:
@@ -93,7 +94,7 @@ class _Channel:
                      result_type: Any = Any) -> T:
         if not isinstance(key, str) or not key:
             raise PermanentError(f"{self.system}.{op}: an idempotency key is required, got {key!r}")
-        if self._instant and not self.effects.durable:  # nothing to wait for: a plain call
+        if self._plain:  # nothing to wait for
             return self.effects.apply_now(self.system, op, key, payload, apply, at=self.clock.now())
         await self.arrive(op, key)
         return await self.effects.apply(self.system, op, key, payload, apply,
