@@ -7,6 +7,7 @@ from collections import Counter
 from contextlib import asynccontextmanager
 
 import anyio
+import msgspec
 import orjson
 import pytest
 
@@ -255,10 +256,17 @@ def test_the_handoff_keeps_its_order_gives_back_first_and_drops_the_oldest_beyon
 
 
 async def outbox_claims(store) -> list[tuple[int, str | None]]:
+    """(id, claimed by) of every row waiting in the PostgreSQL outbox, handed batches included."""
+    return sorted([(r["id"], r["claimed_by"]) for r in await outbox_tables(store, "outbox")] +
+                  [(row.id, b["claimed_by"]) for b in await outbox_tables(store, "outbox_batches")
+                   for row in msgspec.msgpack.decode(b["rows"], type=list[st.OutboxRow])])
+
+
+async def outbox_tables(store, table: str) -> list:
     import asyncpg
     conn = await asyncpg.connect(store.url)
     try:
-        return [tuple(r) for r in await conn.fetch("SELECT id, claimed_by FROM outbox ORDER BY id")]
+        return await conn.fetch(f"SELECT * FROM {table}")
     finally:
         await conn.close()
 
@@ -293,6 +301,50 @@ async def test_rows_written_after_the_relay_started_are_handed_over_claimed_by_i
     assert await relay.drain(5)
     assert relay.stats.published == {"fms.refund": 1, "order.cancelled": 1}
     assert await store.outbox_pending() == 0 and len(log.applied("finance")) == 1
+
+
+@pytest.mark.postgres
+async def test_a_commits_handed_rows_are_one_batch_row_deleted_with_its_last_published_row(pg_o1):
+    store, ports, log = pg_o1
+    relay = relay_at(store, LocalPublisher(ports), "host-1:0")
+    await checkpoint_with(store, "O1", refund("O1"), events=(Event("O1", "PAID", "CANCELLED", START + 1),))
+    [batch] = await outbox_tables(store, "outbox_batches")
+    first, second = relay.handoff.take(10)
+    assert (batch["first_id"], batch["size"]) == (first.id, 2) and await outbox_tables(store, "outbox") == []
+    assert await store.outbox_pending() == 2
+
+    await store.outbox_done([second.id])  # published one of two: the batch stays for the other
+    assert await store.outbox_pending() == 1 and len(await outbox_tables(store, "outbox_batches")) == 1
+    await store.outbox_done([first.id])
+    assert await store.outbox_pending() == 0 and await outbox_tables(store, "outbox_batches") == []
+
+
+@pytest.mark.postgres
+async def test_a_lapsed_batch_goes_back_to_the_outbox_without_the_rows_already_published(pg_o1):
+    store, ports, log = pg_o1
+    relay = relay_at(store, LocalPublisher(ports), "host-1:0", lease=30.0)
+    await checkpoint_with(store, "O1", refund("O1"), events=(Event("O1", "PAID", "CANCELLED", START + 1),))
+    event, command_row = relay.handoff.take(10)
+    await store.outbox_done([event.id])  # the command was refused, left to its lease
+
+    assert await store.outbox_claim("host-2:0", 10, 30.0, START + 20) == []  # the lease holds
+    [again] = await store.outbox_claim("host-2:0", 10, 30.0, START + 40)
+    assert again == command_row and await outbox_tables(store, "outbox_batches") == []
+    await store.outbox_done([again.id])
+    assert await store.outbox_pending() == 0 and await outbox_tables(store, "outbox") == []
+
+
+@pytest.mark.postgres
+async def test_a_batch_of_a_dead_process_goes_back_whole(pg_o1):
+    store, ports, log = pg_o1
+    relay = relay_at(store, LocalPublisher(ports), "host-1:0", lease=30.0)
+    await checkpoint_with(store, "O1", refund("O1"), events=(Event("O1", "PAID", "CANCELLED", START + 1),))
+    handed = relay.handoff.take(10)
+    store._batches.clear()  # what a restarted process knows of the batch: nothing
+    store._batch_of.clear()
+    assert await store.outbox_claim("host-2:0", 10, 30.0, START + 40) == handed
+    await store.outbox_done([row.id for row in handed])
+    assert await store.outbox_pending() == 0
 
 
 @pytest.mark.postgres

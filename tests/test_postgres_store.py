@@ -68,7 +68,7 @@ async def test_order_keys_are_filled_from_the_orders_of_a_database_migrated_befo
                            " 'queued', 'a', 'PAID', 'M1', '{}', 1, 1)")
     finally:
         await conn.close()
-    assert await migrate(url) == ["012_order_keys"]
+    assert (await migrate(url))[0] == "012_order_keys"
     store = PostgresStore(url)
     await store.open()
     try:

@@ -41,6 +41,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import asyncpg
+import msgspec
 
 from .. import sqlfiles
 from ..ports.store import (Checkpoint, Event, HistoryEntry, HistoryRow, NewOrder, OutboxHandoff, OutboxRow,
@@ -54,10 +55,14 @@ Q = sqlfiles.queries("postgres")
 APPENDS = {
     "history": ("stage_history", ("order_no", "stage", "outcome", "reason", "at", "trail", "events")),  # HistoryRow
     "outbox": ("outbox", ("order_no", "topic", "key", "payload", "at")),  # outbox_entries
-    # handed off to the relay (OutboxHandoff): numbered here, born claimed by the relay
-    "claimed_outbox": ("outbox", ("id", "order_no", "topic", "key", "payload", "at", "claimed_by", "claimed_at")),
+    # a handed batch whose claim lapsed, back as ordinary rows under their own ids
+    "lapsed_outbox": ("outbox", ("id", "order_no", "topic", "key", "payload", "at")),
 }
 OUTBOX_IDS = 1000  # outbox ids reserved at a time for handed-off rows
+LAPSED_BATCHES = 100  # lapsed handed batches a claim pass writes back at a time
+WRITE_BACK_EVERY = 1.0  # seconds between looks for lapsed batches (claim passes may run back to back)
+_BATCH_ENCODER = msgspec.msgpack.Encoder()
+_BATCH_DECODER = msgspec.msgpack.Decoder(list[OutboxRow])
 ACQUIRE_TIMEOUT = 30.0  # never wait forever for a connection (PITFALLS 11)
 DEFAULT_WRITERS = 2
 # A migration while the daemon runs invalidates prepared statements, and
@@ -135,6 +140,11 @@ class PostgresStore:
         self.holder, self.lease = "", 30.0
         self.handoff: OutboxHandoff | None = None
         self._outbox_ids: deque[int] = deque()
+        # Handed batches (migration 013) not yet all published: first id -> (size, ids left), and
+        # each handed row's batch. A batch row is deleted when its last row is published.
+        self._batches: dict[int, tuple[int, set[int]]] = {}
+        self._batch_of: dict[int, int] = {}
+        self._next_write_back = 0.0
 
     def own(self, holder: str, lease: float) -> None:
         self.holder, self.lease = holder, lease
@@ -191,19 +201,52 @@ class PostgresStore:
     # The relay's two statements run on their own, outside a transaction block: one round trip
     # each instead of three (BEGIN, the statement, COMMIT), and just as atomic.
     async def outbox_claim(self, holder: str, limit: int, lease: float, now: float) -> list[OutboxRow]:
+        if now >= self._next_write_back:
+            self._next_write_back = now + WRITE_BACK_EVERY
+            await self._transaction(lambda conn: self._write_back_lapsed(conn, now - lease))
         rows = await self._rows("outbox_claim", holder, now, now - lease, limit)
         return sorted(OutboxRow(*r) for r in rows)
 
+    async def _write_back_lapsed(self, conn: asyncpg.Connection, before: float) -> None:
+        """Handed batches whose claim lapsed before `before` (a relay that died, or gave up on one
+        of their rows) go back into the outbox as ordinary unclaimed rows, to be claimed like any
+        other: the rows this process knows were published left out, all of them otherwise."""
+        for first_id, packed in await conn.fetch(Q["outbox_batches_lapsed"], before, LAPSED_BATCHES):
+            rows = _BATCH_DECODER.decode(packed)
+            _, left = self._batches.pop(first_id, (0, None))
+            for row in rows:
+                self._batch_of.pop(row.id, None)
+            await _append(conn, "lapsed_outbox", [r for r in rows if left is None or r.id in left])
+
     async def outbox_done(self, ids: list[int]) -> None:
-        if ids:
-            await self._rows("outbox_done", ids)
+        rows, batches = [], []
+        for i in ids:
+            first_id = self._batch_of.pop(i, None)
+            if first_id is None:
+                rows.append(i)
+                continue
+            left = self._batches[first_id][1]
+            left.discard(i)
+            if not left:
+                del self._batches[first_id]
+                batches.append(first_id)
+        if rows or batches:
+            await self._rows("outbox_done", rows, batches)
+
+    def _handed(self, rows: list[OutboxRow]) -> None:
+        """A committed batch of handed rows: kept track of until its last row is published."""
+        first_id = rows[0].id
+        self._batches[first_id] = (len(rows), {row.id for row in rows})
+        for row in rows:
+            self._batch_of[row.id] = first_id
 
     def outbox_handoff(self, holder: str, now: Callable[[], float],
                        notify: Callable[[], None]) -> OutboxHandoff | None:
         """Outbox rows are numbered here (ids reserved from the table's sequence a block at a
         time) and written claimed by `holder`, so the relay that asked publishes them from memory
         without the claim statement, which took about a tenth of PostgreSQL's statement time
-        (bench/RESULTS.md)."""
+        (bench/RESULTS.md). A commit's handed rows are written as one row of outbox_batches
+        (migration 013), deleted when the relay has published the last of them."""
         if self.handoff is not None:
             return None  # a second relay on this store claims
         self.handoff = OutboxHandoff(holder, now, notify)
@@ -257,6 +300,7 @@ class PostgresStore:
             raise
         self.commits += 1
         if handed:
+            self._handed(handed)
             self.handoff.put(handed)
         _settle(batch, None)
 
@@ -357,7 +401,10 @@ class PostgresStore:
         return {state: count for state, count in await self._rows("counts")}
 
     async def outbox_pending(self) -> int:
-        return (await self._rows("outbox_pending"))[0][0]
+        """Rows not yet published; a handed batch counts whole in the database until its last row
+        is, so the rows of it this process has published are taken off."""
+        published = sum(size - len(left) for size, left in self._batches.values())
+        return (await self._rows("outbox_pending"))[0][0] - published
 
     async def overdue(self, before: float, limit: int = 500) -> list[StoredOrder]:
         return [StoredOrder(*r) for r in await self._rows("overdue", before, limit)]
@@ -507,8 +554,8 @@ async def _side_rows(conn: asyncpg.Connection, rows: _Rows, store: "PostgresStor
     elif rows.outbox:
         ids = await store._reserve_outbox_ids(conn, len(rows.outbox))
         handed = [OutboxRow(i, *row) for i, row in zip(ids, rows.outbox)]
-        claimed = (handoff.holder, handoff.now())
-        await _append(conn, "claimed_outbox", [(*row, *claimed) for row in handed])
+        await conn.execute(Q["outbox_batch_insert"], ids[0], handoff.holder, handoff.now(), len(handed),
+                           _BATCH_ENCODER.encode(handed))
     if rows.reverse:
         await conn.executemany(Q["reverse_upsert"], rows.reverse)
     return handed
