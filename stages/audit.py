@@ -12,9 +12,11 @@ Rules, in order:
 The manual rules (3's review band, 4, 5, 6) pass once an operator has reviewed
 the order (results["audit_reviewed"] set before the replay); cancels never do.
 
-The frequency count is taken at most once per order: the counters count order
-numbers (a replay after a crash is the same holder), and the checkpoint carries
-results["audit_counted"], so retries and replays reuse the first answer.
+The frequency count is taken at most once per customer order: the counters
+count order numbers (a replay after a crash is the same holder), a split
+child's under its parent's number (audit runs after split: one order shipped
+from two warehouses is still one order the member placed), and the checkpoint
+carries results["audit_counted"], so retries and replays reuse the first answer.
 """
 from __future__ import annotations
 
@@ -59,9 +61,10 @@ async def _frequency(order: Order, ctx: StageContext, limit: int) -> dict[str, b
     bucket = int(now // HOUR)
     ttl = (bucket + 1) * HOUR - now + HOUR  # past the window's end, then Redis forgets it
     who = [(kind, ident) for kind, ident in (("member", order.member_id), ("phone", order.consignee.phone)) if ident]
+    placed = order.parent_no or order.order_no  # the customer's order, split or not
     # Both counters in one call: one round trip to the shared counters, not one each.
     answers = await ctx.coordination.take_capacities(
-        [(f"audit:{kind}:{ident}:{bucket}", order.order_no, limit, ttl) for kind, ident in who])
+        [(f"audit:{kind}:{ident}:{bucket}", placed, limit, ttl) for kind, ident in who])
     counted = {kind: ok for (kind, _), ok in zip(who, answers)}
     order.results["audit_counted"] = counted
     return counted

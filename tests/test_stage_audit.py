@@ -190,6 +190,18 @@ async def test_replaying_an_order_counts_it_once() -> None:
 
 
 @pytest.mark.anyio
+async def test_the_children_of_a_split_order_count_as_the_one_order_the_member_placed() -> None:
+    ctx, _ = await make_ctx({"max_orders_per_hour": 2})
+    children = [order(f"O1-{i}") for i in (1, 2, 3)]
+    for child in children:
+        child.parent_no = "O1"
+    assert [(await handle(child, ctx)).kind for child in children] == ["next"] * 3
+    assert await counted(ctx, "member", "M1") == 1 and await counted(ctx, "phone", "13812345678") == 1
+    assert (await handle(order("O2"), ctx)).kind == "next"  # the member's second order this hour
+    assert (await handle(order("O3"), ctx)).kind == "manual"
+
+
+@pytest.mark.anyio
 async def test_an_over_limit_order_replayed_stays_in_review_until_an_operator_passes_it() -> None:
     ctx, _ = await make_ctx({"max_orders_per_hour": 1})
     assert (await handle(order("O1"), ctx)).kind == "next"

@@ -105,17 +105,18 @@ def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000)) if seconds > 0 else 0
 
 
-def _fail_on_error(calls: list[tuple[str, str, asyncio.Future]]):
+def _fail_on_error(calls: list[tuple[str, str, list[asyncio.Future]]]):
     """A script call that failed (connection lost, timeout) fails every take in it."""
     def done(task: asyncio.Task) -> None:
         error = None if task.cancelled() else task.exception()
-        for _, _, future in calls:
-            if future.done():
-                continue
-            if error is None:
-                future.cancel()  # the call's task was cancelled (shutdown)
-            else:
-                future.set_exception(error)
+        for _, _, futures in calls:
+            for future in futures:
+                if future.done():
+                    continue
+                if error is None:
+                    future.cancel()  # the call's task was cancelled (shutdown)
+                else:
+                    future.set_exception(error)
     return done
 
 
@@ -128,7 +129,8 @@ class RedisCoordination:
         self._timeout = timeout
         self._redis: Redis | None = None
         self._take_many = self._fence = _not_open  # the registered scripts, once open
-        self._takes: list[tuple[str, str, asyncio.Future]] = []  # take_capacity calls of this loop turn
+        # take_capacity calls of this loop turn: (key, holder, limit) -> (script fields, their futures)
+        self._takes: dict[tuple[str, str, int], tuple[str, list[asyncio.Future]]] = {}
 
     async def open(self) -> None:
         # Bounded pool that waits (up to `timeout`) for a free connection instead of
@@ -197,27 +199,36 @@ class RedisCoordination:
 
     def _take(self, key: str, holder: str, limit: int, ttl: float) -> asyncio.Future:
         """Queue a take (its holder checked) for this turn of the loop's script call; its answer
-        comes in the future."""
+        comes in the future. The same holder asking for the same key and limit twice in one turn
+        (the split children of one order in audit) goes once: the script would answer the second
+        as the first, its holder already counted or the key full without it."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         if not self._takes:
             loop.call_soon(self._send_takes)
-        self._takes.append((self.key(key), f"{ARG_SEP}{holder}{ARG_SEP}{limit}{ARG_SEP}{_ms(ttl)}", future))
+        same = self._takes.get((key, holder, limit))
+        if same is None:
+            fields = f"{ARG_SEP}{holder}{ARG_SEP}{limit}{ARG_SEP}{_ms(ttl)}"
+            self._takes[(key, holder, limit)] = (fields, [future])
+        else:
+            same[1].append(future)
         return future
 
     def _send_takes(self) -> None:
-        calls, self._takes = self._takes, []
+        takes, self._takes = self._takes, {}
+        calls = [(self.key(key), fields, futures) for (key, _, _), (fields, futures) in takes.items()]
         for i in range(0, len(calls), MAX_TAKES):
             chunk = calls[i:i + MAX_TAKES]
             task = asyncio.ensure_future(self._run_takes(chunk))
             task.add_done_callback(_fail_on_error(chunk))
 
-    async def _run_takes(self, calls: list[tuple[str, str, asyncio.Future]]) -> None:
+    async def _run_takes(self, calls: list[tuple[str, str, list[asyncio.Future]]]) -> None:
         results = await self._take_many(keys=[key for key, _, _ in calls],
                                         args=["".join([fields for _, fields, _ in calls])])
-        for (_, _, future), result in zip(calls, results):
-            if not future.done():  # done: its caller gave up (cancelled, timed out)
-                future.set_result(result)
+        for (_, _, futures), result in zip(calls, results):
+            for future in futures:
+                if not future.done():  # done: its caller gave up (cancelled, timed out)
+                    future.set_result(result)
 
     async def release_capacity(self, key: str, holder: str) -> None:
         await self.client.srem(self.key(key), holder)
