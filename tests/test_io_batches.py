@@ -53,3 +53,44 @@ async def test_a_stuck_handler_times_out_alone_and_its_batch_goes_on():
         [make_order(i).order_no for i in (0, 1, 2, 4, 5)], st.DONE)
     assert rows[stuck].state == st.MANUAL
     assert any("stuck: timed out after 0.2s" in h.reason for h in await p.store.history(stuck))
+
+
+async def test_handlers_waiting_on_futures_resume_when_theirs_is_done_each_as_it_goes_on():
+    """The common wait (a counter's answer in a future) is resumed by the slot itself; a handler
+    that waits again, fails after its wait, or whose future never comes, still ends as it would
+    in a task of its own."""
+    import asyncio
+
+    from oms_pipeline.outcome import PermanentError
+    loop = asyncio.get_running_loop()
+    answers = {i: loop.create_future() for i in range(5)}
+    cleaned = []
+
+    async def counter(order, ctx):
+        i = int(order.external_id.split("-")[1])
+        try:
+            await answers[i]
+            if i == 1:
+                await answers[0]  # done already: no wait
+                await anyio.sleep(0.01)  # a second, real wait
+            if i == 2:
+                raise PermanentError("refused after the answer")
+            return NEXT
+        finally:
+            cleaned.append(i)
+
+    for i in (0, 1, 2, 3):  # 4's answer never comes
+        loop.call_later(0.05, answers[i].set_result, True)
+    settings = {"stage_defaults": {"io": {**ONE_SLOT["stage_defaults"]["io"], "timeout": 0.5},
+                                   "retry": {"max_attempts": 1}}}
+    p = build([StageSpec("counter", "io", counter)], settings=settings)
+    async with running(p):
+        await p.submit_many([make_order(i) for i in range(5)])
+        with anyio.fail_after(5):
+            await p.wait_until(lambda: p.total_finished() == 5)
+    rows = await all_orders(p.store)
+    states = {i: rows[make_order(i).order_no].state for i in range(5)}
+    assert states == {0: st.DONE, 1: st.DONE, 2: st.MANUAL, 3: st.DONE, 4: st.MANUAL}
+    assert any("counter: refused after the answer" in h.reason for h in await p.store.history(make_order(2).order_no))
+    assert any("counter: timed out after 0.5s" in h.reason for h in await p.store.history(make_order(4).order_no))
+    assert sorted(cleaned) == [0, 1, 2, 3, 4]  # the timed-out one was cancelled, its cleanup ran

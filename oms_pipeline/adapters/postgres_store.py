@@ -203,20 +203,24 @@ class PostgresStore:
     async def outbox_claim(self, holder: str, limit: int, lease: float, now: float) -> list[OutboxRow]:
         if now >= self._next_write_back:
             self._next_write_back = now + WRITE_BACK_EVERY
-            await self._transaction(lambda conn: self._write_back_lapsed(conn, now - lease))
+            for first_id, rows in await self._transaction(lambda conn: self._write_back_lapsed(conn, now - lease)):
+                self._batches.pop(first_id, None)  # written back: no longer tracked as a batch
+                for row in rows:
+                    self._batch_of.pop(row.id, None)
         rows = await self._rows("outbox_claim", holder, now, now - lease, limit)
         return sorted(OutboxRow(*r) for r in rows)
 
-    async def _write_back_lapsed(self, conn: asyncpg.Connection, before: float) -> None:
+    async def _write_back_lapsed(self, conn: asyncpg.Connection, before: float) -> list[tuple[int, list]]:
         """Handed batches whose claim lapsed before `before` (a relay that died, or gave up on one
         of their rows) go back into the outbox as ordinary unclaimed rows, to be claimed like any
         other: the rows this process knows were published left out, all of them otherwise."""
+        lapsed = []
         for first_id, packed in await conn.fetch(Q["outbox_batches_lapsed"], before, LAPSED_BATCHES):
             rows = _BATCH_DECODER.decode(packed)
-            _, left = self._batches.pop(first_id, (0, None))
-            for row in rows:
-                self._batch_of.pop(row.id, None)
+            left = self._batches.get(first_id, (0, None))[1]
             await _append(conn, "lapsed_outbox", [r for r in rows if left is None or r.id in left])
+            lapsed.append((first_id, rows))
+        return lapsed
 
     async def outbox_done(self, ids: list[int]) -> None:
         rows, batches = [], []
