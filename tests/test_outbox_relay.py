@@ -303,13 +303,18 @@ async def test_rows_written_after_the_relay_started_are_handed_over_claimed_by_i
     assert await store.outbox_pending() == 0 and len(log.applied("finance")) == 1
 
 
+async def handed_cancel(store, ports) -> list[st.OutboxRow]:
+    """O1 cancelled with a refund, its two outbox rows handed to a relay (lease 30 s) and taken."""
+    relay = relay_at(store, LocalPublisher(ports), "host-1:0", lease=30.0)
+    await checkpoint_with(store, "O1", refund("O1"), events=(Event("O1", "PAID", "CANCELLED", START + 1),))
+    return relay.handoff.take(10)
+
+
 @pytest.mark.postgres
 async def test_a_commits_handed_rows_are_one_batch_row_deleted_with_its_last_published_row(pg_o1):
     store, ports, log = pg_o1
-    relay = relay_at(store, LocalPublisher(ports), "host-1:0")
-    await checkpoint_with(store, "O1", refund("O1"), events=(Event("O1", "PAID", "CANCELLED", START + 1),))
+    first, second = await handed_cancel(store, ports)
     [batch] = await outbox_tables(store, "outbox_batches")
-    first, second = relay.handoff.take(10)
     assert (batch["first_id"], batch["size"]) == (first.id, 2) and await outbox_tables(store, "outbox") == []
     assert await store.outbox_pending() == 2
 
@@ -322,9 +327,7 @@ async def test_a_commits_handed_rows_are_one_batch_row_deleted_with_its_last_pub
 @pytest.mark.postgres
 async def test_a_lapsed_batch_goes_back_to_the_outbox_without_the_rows_already_published(pg_o1):
     store, ports, log = pg_o1
-    relay = relay_at(store, LocalPublisher(ports), "host-1:0", lease=30.0)
-    await checkpoint_with(store, "O1", refund("O1"), events=(Event("O1", "PAID", "CANCELLED", START + 1),))
-    event, command_row = relay.handoff.take(10)
+    event, command_row = await handed_cancel(store, ports)
     await store.outbox_done([event.id])  # the command was refused, left to its lease
 
     assert await store.outbox_claim("host-2:0", 10, 30.0, START + 20) == []  # the lease holds
@@ -337,9 +340,7 @@ async def test_a_lapsed_batch_goes_back_to_the_outbox_without_the_rows_already_p
 @pytest.mark.postgres
 async def test_a_batch_of_a_dead_process_goes_back_whole(pg_o1):
     store, ports, log = pg_o1
-    relay = relay_at(store, LocalPublisher(ports), "host-1:0", lease=30.0)
-    await checkpoint_with(store, "O1", refund("O1"), events=(Event("O1", "PAID", "CANCELLED", START + 1),))
-    handed = relay.handoff.take(10)
+    handed = await handed_cancel(store, ports)
     store._batches.clear()  # what a restarted process knows of the batch: nothing
     store._batch_of.clear()
     assert await store.outbox_claim("host-2:0", 10, 30.0, START + 40) == handed
