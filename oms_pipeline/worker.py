@@ -173,8 +173,8 @@ class StageWorker:
 
         A handler waiting on a future (a Redis counter's answer: nearly all of them) is resumed
         here, in the slot's task, once that future is done, as its first stretch ran; only one
-        that waits again, or waits on anything else, gets a task of its own. A task per
-        handler cost ~4% of a production daemon's CPU (bench/RESULTS.md)."""
+        that waits again, or waits on anything else, gets a task of its own (bench/io_wait_resume.py:
+        ~1.4-2.2 us a handler against ~3-5.5 us with a task each)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.timeout
         results: list[tuple[int, Any]] = []
