@@ -6,6 +6,8 @@
 -- Each row keeps its own outbox id (from outbox_id_seq), so message ids do not change.
 -- A batch whose claim has lapsed (its relay died, or gave up on one of its rows) is moved
 -- into the outbox as ordinary unclaimed rows by the next claim pass, and claimed from there.
+-- An instance of an earlier version neither writes nor looks at this table: while versions are
+-- mixed, a lapsed batch waits for an instance of this version (or later) to write it back.
 CREATE TABLE outbox_batches (
     first_id    bigint PRIMARY KEY,         -- the outbox id of its first row
     claimed_by  text NOT NULL,              -- the relay it was handed to
