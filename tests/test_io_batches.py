@@ -14,6 +14,19 @@ pytestmark = pytest.mark.anyio
 ONE_SLOT = {"stage_defaults": {"io": {"pool": 1, "batch": 10, "queue": 100, "timeout": 30}}}
 
 
+async def one_try(spec: StageSpec, orders: int, *, timeout: float):
+    """`orders` orders through `spec` on one slot with this timeout and no retries: the pipeline
+    and its stored orders once all have finished."""
+    settings = {"stage_defaults": {"io": {**ONE_SLOT["stage_defaults"]["io"], "timeout": timeout},
+                                   "retry": {"max_attempts": 1}}}
+    p = build([spec], settings=settings)
+    async with running(p):
+        await p.submit_many([make_order(i) for i in range(orders)])
+        with anyio.fail_after(5):
+            await p.wait_until(lambda: p.total_finished() == orders)
+    return p, await all_orders(p.store)
+
+
 async def test_the_waiting_handlers_of_one_batch_wait_together():
     arrived, everyone = 0, anyio.Event()
 
@@ -40,14 +53,7 @@ async def test_a_stuck_handler_times_out_alone_and_its_batch_goes_on():
             await anyio.sleep_forever()
         return NEXT
 
-    settings = {"stage_defaults": {"io": {**ONE_SLOT["stage_defaults"]["io"], "timeout": 0.2},
-                                   "retry": {"max_attempts": 1}}}
-    p = build([StageSpec("stuck", "io", sometimes_stuck)], settings=settings)
-    async with running(p):
-        await p.submit_many([make_order(i) for i in range(6)])
-        with anyio.fail_after(5):
-            await p.wait_until(lambda: p.total_finished() == 6)
-    rows = await all_orders(p.store)
+    p, rows = await one_try(StageSpec("stuck", "io", sometimes_stuck), 6, timeout=0.2)
     stuck = make_order(3).order_no
     assert {no: r.state for no, r in rows.items() if no != stuck} == dict.fromkeys(
         [make_order(i).order_no for i in (0, 1, 2, 4, 5)], st.DONE)
@@ -81,14 +87,7 @@ async def test_handlers_waiting_on_futures_resume_when_theirs_is_done_each_as_it
 
     for i in (0, 1, 2, 3):  # 4's answer never comes
         loop.call_later(0.05, answers[i].set_result, True)
-    settings = {"stage_defaults": {"io": {**ONE_SLOT["stage_defaults"]["io"], "timeout": 0.5},
-                                   "retry": {"max_attempts": 1}}}
-    p = build([StageSpec("counter", "io", counter)], settings=settings)
-    async with running(p):
-        await p.submit_many([make_order(i) for i in range(5)])
-        with anyio.fail_after(5):
-            await p.wait_until(lambda: p.total_finished() == 5)
-    rows = await all_orders(p.store)
+    p, rows = await one_try(StageSpec("counter", "io", counter), 5, timeout=0.5)
     states = {i: rows[make_order(i).order_no].state for i in range(5)}
     assert states == {0: st.DONE, 1: st.DONE, 2: st.MANUAL, 3: st.DONE, 4: st.MANUAL}
     assert any("counter: refused after the answer" in h.reason for h in await p.store.history(make_order(2).order_no))

@@ -206,10 +206,10 @@ class RedisCoordination:
         future = loop.create_future()
         if not self._takes:
             loop.call_soon(self._send_takes)
-        same = self._takes.get((key, holder, limit))
+        slot = (key, holder, limit)
+        same = self._takes.get(slot)
         if same is None:
-            fields = f"{ARG_SEP}{holder}{ARG_SEP}{limit}{ARG_SEP}{_ms(ttl)}"
-            self._takes[(key, holder, limit)] = (fields, [future])
+            self._takes[slot] = (f"{ARG_SEP}{holder}{ARG_SEP}{limit}{ARG_SEP}{_ms(ttl)}", [future])
         else:
             same[1].append(future)
         return future
