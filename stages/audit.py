@@ -4,7 +4,9 @@ Rules, in order:
 1. black list (member or consignee phone) -> cancel.
 2. white list (member or phone) -> trusted: no fraud score, no frequency rule.
 3. fraud score from the risk port: >= cheat_threshold -> cancel (作弊需要取消);
-   >= review_threshold -> manual review.
+   >= review_threshold -> manual review. What is scored is the customer's order: a split
+   child asks with its parent's number and payable (split records it), so a large order
+   shipped from three warehouses is scored as large, and its children get one verdict.
 4. frequency: at most `max_orders_per_hour` orders per member and per phone in
    one clock hour, counted on shared counters (Redis across instances) -> manual.
 5. region: a consignee province/city in `review_regions` -> manual.
@@ -52,6 +54,13 @@ def _listed(settings: Mapping[str, Any], which: str, order: Order) -> str:
     return ""
 
 
+def _placed(order: Order) -> tuple[str, int]:
+    """The customer's order, split or not: its number and what it pays."""
+    if order.parent_no:
+        return order.parent_no, order.results.get("parent_payable", order.amounts.payable)
+    return order.order_no, order.amounts.payable
+
+
 async def _frequency(order: Order, ctx: StageContext, limit: int) -> dict[str, bool]:
     """{"member": within limit, "phone": within limit}, counted once per order."""
     counted = order.results.get("audit_counted")
@@ -61,7 +70,7 @@ async def _frequency(order: Order, ctx: StageContext, limit: int) -> dict[str, b
     bucket = int(now // HOUR)
     ttl = (bucket + 1) * HOUR - now + HOUR  # past the window's end, then Redis forgets it
     who = [(kind, ident) for kind, ident in (("member", order.member_id), ("phone", order.consignee.phone)) if ident]
-    placed = order.parent_no or order.order_no  # the customer's order, split or not
+    placed, _ = _placed(order)
     # Both counters in one call: one round trip to the shared counters, not one each.
     answers = await ctx.coordination.take_capacities(
         [(f"audit:{kind}:{ident}:{bucket}", placed, limit, ttl) for kind, ident in who])
@@ -99,8 +108,8 @@ async def handle(order: Order, ctx: StageContext) -> Outcome:
     score = None
     counted: dict[str, bool] = {}
     if not trusted:
-        score = await ctx.ports.risk.fraud_score(order.order_no, order.member_id, order.consignee.phone,
-                                                 order.amounts.payable)
+        placed, payable = _placed(order)
+        score = await ctx.ports.risk.fraud_score(placed, order.member_id, order.consignee.phone, payable)
         if score >= settings["cheat_threshold"]:
             order.results["audit"] = {"score": score}
             return cancel(f"audit: fraud score {score}")

@@ -121,7 +121,10 @@ def _child(parent: Order, n: int, lines: list[Line], amounts: Amounts) -> Order:
         payment_method=parent.payment_method, status=parent.status, parent_no=parent.order_no,
         remark=parent.remark, invoice_title=parent.invoice_title, delivery_promise=parent.delivery_promise,
         presale=parent.presale, created_at=parent.created_at, timestamps=dict(parent.timestamps),
-        results={"parent": parent.order_no, **_child_stock(parent, lines)},
+        # audit scores the customer's order as a whole: a large order split over warehouses is
+        # no smaller for the risk check, and its children get one verdict.
+        results={"parent": parent.order_no, "parent_payable": parent.amounts.payable,
+                 **_child_stock(parent, lines)},
     )
     child.flags = _child_flags(child, parent.flags)
     return child

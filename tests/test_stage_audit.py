@@ -202,6 +202,19 @@ async def test_the_children_of_a_split_order_count_as_the_one_order_the_member_p
 
 
 @pytest.mark.anyio
+async def test_the_children_of_a_split_order_are_scored_as_the_one_order_the_member_placed() -> None:
+    # 75 points at 10,000 cents and above: each child pays 5,000 of its parent's 15,000.
+    ctx, _ = await make_ctx(sim={"risk": {"base_max": 1, "large_amount_cents": 10_000, "large_amount_points": 75}})
+    children = [order(f"O1-{i}") for i in (1, 2, 3)]
+    for child in children:
+        child.parent_no, child.results["parent_payable"] = "O1", 15_000
+    assert [(await handle(child, ctx)).kind for child in children] == ["manual"] * 3
+    assert [child.results["audit"]["score"] for child in children] == [75] * 3
+    single = order("O2")  # an order of 5,000 on its own
+    assert (await handle(single, ctx)).kind == "next" and single.results["audit"]["score"] == 0
+
+
+@pytest.mark.anyio
 async def test_an_over_limit_order_replayed_stays_in_review_until_an_operator_passes_it() -> None:
     ctx, _ = await make_ctx({"max_orders_per_hour": 1})
     assert (await handle(order("O1"), ctx)).kind == "next"

@@ -94,6 +94,8 @@ def test_every_one_of_the_five_zones_ships_apart():
 
 
 def test_a_child_carries_the_parents_order_fields_and_only_its_parent_in_results():
+    """Of the parent's results a child carries its number and what it pays (audit scores the
+    customer's order as a whole), nothing the stages before split produced."""
     o = allocated([line(1), line(2, zone="chilled_low")], remark="周末送货", invoice_title="个人",
                   delivery_promise="scheduled", payment_method="mixed", source="mini", kind="third_party",
                   presale=True)
@@ -103,7 +105,7 @@ def test_a_child_carries_the_parents_order_fields_and_only_its_parent_in_results
                       "delivery_promise", "presale", "status", "created_at", "timestamps"):
             assert getattr(child, field) == getattr(o, field), field
         assert child.parent_no == "P123"
-        assert child.results == {"parent": "P123"}
+        assert child.results == {"parent": "P123", "parent_payable": o.amounts.payable}
         assert child.consignee is not o.consignee
 
 
