@@ -18,6 +18,7 @@ import redis
 
 from oms_pipeline.benchmark import advisor, harness, scenario
 from oms_pipeline.benchmark.command import add_arguments, overrides
+from oms_pipeline.benchmark.daemon import POSTGRES_SETTINGS
 from tests.conftest import require_service
 from tests.support.daemon import ROOT
 
@@ -165,7 +166,11 @@ def test_two_production_instances_in_smoke_mode_share_one_backend_and_remove_it(
     assert len(series["t"]) == len(series["finished"]) == len(series["cpu_s"]) > 1
     assert series["finished"][-1] == 200
     assert all(len(row["depth"]) == len(row["util"]) == len(series["t"]) for row in series["stages"].values())
-    assert "production (2 instances:" in (tmp_path / "summary.md").read_text()
+    summary = (tmp_path / "summary.md").read_text()
+    assert "production (2 instances:" in summary
+    server = run["system"]["postgresql"]  # the settings the figures were measured under
+    assert set(server) == set(POSTGRES_SETTINGS) and server["fsync"] in ("on", "off")
+    assert f"- PostgreSQL server: fsync {server['fsync']}, synchronous_commit " in summary
 
     tag = run["system"]["store"].rsplit("/", 1)[1]
     assert tag.startswith("oms_bench_")

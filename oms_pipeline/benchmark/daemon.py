@@ -86,6 +86,7 @@ class Daemon(PipelineView):
         self.overrides = {**DEFAULT_OVERRIDES, **scenario.workload.order_overrides}
         self.bodies: IO[bytes] = io.BytesIO()  # the arrivals' request bodies, a JSON document a line
         self.settings: config.Settings | None = None
+        self.postgres: dict[str, str] = {}  # the server's settings that move the figures
         self.app: Any = None
 
     async def open(self) -> None:
@@ -95,6 +96,8 @@ class Daemon(PipelineView):
         if self.instances > 1:  # the store's lease holder, the relay's claims and order-number blocks
             services = merge(services, {"daemon": {"instance_id": self.instance}})
         self.settings = run_settings(self.scenario, services)
+        if self.scenario.workload.kind == "production":
+            self.postgres = await _postgres_settings(self.settings.store.url)
         self.app = await app_module.build(self.settings)
         self.pipeline = self.app.pipeline
         # One of several instances draws its own share from a seed of its own (the same mix; the
@@ -132,7 +135,7 @@ class Daemon(PipelineView):
     def describe(self) -> dict[str, Any]:
         s = self.settings
         return {**super().describe(), "store": _redact(s.store.url), "broker": _redact(s.broker.url),
-                "coordination": _redact(s.coordination.url)}
+                "coordination": _redact(s.coordination.url), **({"postgresql": self.postgres} if self.postgres else {})}
 
     async def close(self) -> None:
         self.bodies.close()
@@ -167,6 +170,24 @@ def _redact(url: str) -> str:
     scheme, rest = url.split("://", 1)
     creds, host = rest.rsplit("@", 1)
     return f"{scheme}://{creds.split(':')[0]}@{host}"
+
+
+# PostgreSQL's settings that move a production run's figures (durability, memory, checkpoints,
+# vacuum): recorded with the run, since the same code runs at different speeds under others.
+POSTGRES_SETTINGS = ("fsync", "synchronous_commit", "full_page_writes", "shared_buffers", "max_wal_size",
+                     "checkpoint_timeout", "autovacuum", "server_version")
+
+
+async def _postgres_settings(url: str) -> dict[str, str]:
+    import asyncpg
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch("SELECT name, current_setting(name) FROM pg_settings WHERE name = ANY($1::text[])",
+                                list(POSTGRES_SETTINGS))
+    finally:
+        await conn.close()
+    found = dict(rows)
+    return {name: found[name] for name in POSTGRES_SETTINGS if name in found}
 
 
 async def _admin(server: str, statement: str) -> None:

@@ -34,6 +34,12 @@ def _gauge(g: dict[str, Any]) -> str:
             f"different gauges are not comparable")
 
 
+def _postgres(runs: dict[str, Any]) -> list[str]:
+    found = next((run["system"]["postgresql"] for run in runs.values()
+                  if isinstance(run, dict) and run.get("system", {}).get("postgresql")), None)
+    return [f"- PostgreSQL server: " + ", ".join(f"{k} {v}" for k, v in found.items())] if found else []
+
+
 def markdown(r: dict[str, Any]) -> str:
     s = r["scenario"]
     lines = [f"# Benchmark: {s['name']}", "", s["description"], "",
@@ -42,6 +48,7 @@ def markdown(r: dict[str, Any]) -> str:
              f"- machine: {r['machine']['cores']} cores, Python {r['machine']['python']}, "
              f"uvloop {r['machine']['uvloop']}, load average at start {_loads(r['machine']['load_average'])}",
              _gauge(r["machine"]["gauge"]),
+             *_postgres(r["runs"]),
              f"- load: {_load(s)}", ""]
     lines += _runs_table(r["runs"])
     c = r["comparisons"]
