@@ -37,7 +37,7 @@ def _gauge(g: dict[str, Any]) -> str:
 def _postgres(runs: dict[str, Any]) -> list[str]:
     found = next((run["system"]["postgresql"] for run in runs.values()
                   if isinstance(run, dict) and run.get("system", {}).get("postgresql")), None)
-    return [f"- PostgreSQL server: " + ", ".join(f"{k} {v}" for k, v in found.items())] if found else []
+    return ["- PostgreSQL server: " + ", ".join(f"{k} {v}" for k, v in found.items())] if found else []
 
 
 def markdown(r: dict[str, Any]) -> str:
