@@ -16,7 +16,7 @@ import asyncpg
 import pytest
 import redis
 
-from oms_pipeline.benchmark import advisor, harness, scenario
+from oms_pipeline.benchmark import advisor, harness, report, scenario
 from oms_pipeline.benchmark.command import add_arguments, overrides
 from oms_pipeline.benchmark.daemon import POSTGRES_SETTINGS
 from tests.conftest import require_service
@@ -200,6 +200,20 @@ def test_several_instances_are_refused_for_any_kind_but_production(tmp_path):
     assert done.returncode == 2 and "workload.instances" in done.stderr
     assert scenario.load("production_2x").workload.instances == 2
     assert scenario.load("embedded").workload.instances == 1
+
+
+def test_a_run_is_reported_by_fifth_of_its_time_so_a_falling_rate_shows():
+    # 10 s sampled every 0.5 s: 300 orders/s for 6 s at 1 ms of CPU each, then 150/s at 2 ms.
+    t = [i / 2 for i in range(21)]
+    done = [round(300 * x) if x <= 6 else 1800 + round(150 * (x - 6)) for x in t]
+    cpu = [d / 1000 if x <= 6 else 1.8 + (d - 1800) * 2 / 1000 for x, d in zip(t, done)]
+    fifths = harness.by_fifth({"t": t, "finished": done, "cpu_s": cpu})
+    assert [f["orders_per_s"] for f in fifths] == [300.0, 300.0, 300.0, 150.0, 150.0]
+    assert [f["cpu_ms_per_order"] for f in fifths] == [1.0, 1.0, 1.0, 2.0, 2.0]
+    assert harness.by_fifth({"t": t[:5], "finished": done[:5], "cpu_s": cpu[:5]}) is None  # too short
+    run = {"orders": 2400, "finished": 2400, "throughput": 240.0, "by_fifth": fifths}
+    assert "`run` by fifth of its time: 300.0 / 300.0 / 300.0 / 150.0 / 150.0 orders/s, " \
+           "1.000 / 1.000 / 1.000 / 2.000 / 2.000 CPU ms an order" in "\n".join(report._runs_table({"run": run}))
 
 
 def test_instance_runs_merge_into_one_run():

@@ -8,6 +8,7 @@ orders, and merges their figures into one run.
 """
 from __future__ import annotations
 
+import bisect
 import datetime as dt
 import gc
 import math
@@ -220,6 +221,9 @@ class Harness:
     def _record(self, name: str, result: dict[str, Any]) -> None:
         result["cpu_ms_per_order"] = (round(result["cpu_seconds"] / result["finished"] * 1000, 3)
                                       if result.get("finished") else None)
+        fifths = by_fifth(result.get("series") or {})
+        if fifths:
+            result["by_fifth"] = fifths
         self.results["runs"][name] = result
         if result.get("stopped") not in (None, "finished"):
             self.results["incomplete"].append(name)
@@ -400,6 +404,22 @@ def merge_instances(runs: list[dict[str, Any]], offsets: list[float], label: str
             "cpu_cores": round(sum(r["cpu_cores"] for r in runs), 2), "stages": stages,
             "series": series, "instances": instances, "instance_throughput": [r["throughput"] for r in runs],
             "instance_finished": [r["finished"] for r in runs]}
+
+
+def by_fifth(series: dict[str, Any]) -> list[dict[str, float | None]] | None:
+    """Orders/s and CPU ms an order in each fifth of a run's time, from its samples: whether the
+    rate held to the end (a run whose rate falls sustains less than its mean says). None for a
+    run too short to sample ten times."""
+    t, done, cpu = series.get("t") or [], series.get("finished") or [], series.get("cpu_s") or []
+    if len(t) < 10 or len(done) != len(t) or len(cpu) != len(t) or t[-1] <= 0:
+        return None
+    marks = [0] + [max(0, bisect.bisect_right(t, t[-1] * k / 5) - 1) for k in range(1, 6)]
+    out: list[dict[str, float | None]] = []
+    for a, b in zip(marks, marks[1:]):
+        seconds, orders = t[b] - t[a], done[b] - done[a]
+        out.append({"orders_per_s": round(orders / seconds, 1) if seconds > 0 else None,
+                    "cpu_ms_per_order": round((cpu[b] - cpu[a]) / orders * 1000, 3) if orders > 0 else None})
+    return out
 
 
 def merge_series(series: list[dict[str, Any]]) -> dict[str, Any]:

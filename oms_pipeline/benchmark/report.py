@@ -114,6 +114,11 @@ def _runs_table(runs: dict[str, Any]) -> list[str]:
                     f"{_num(run.get('cpu_cores'), 2)} | {_num(run.get('cpu_ms_per_order'), 3)} | "
                     f"{_num(run.get('rss_peak_mb'))} | {_num(run.get('outbox_left_at_end'), 0)} | "
                     f"{_num(run.get('outbox_drained_s'), 2)} | {_num(run.get('throughput_drained'))} |")
+    for name, run in runs.items():
+        if run.get("by_fifth"):
+            rows += ["", f"`{name}` by fifth of its time: "
+                     + " / ".join(_num(f["orders_per_s"]) for f in run["by_fifth"]) + " orders/s, "
+                     + " / ".join(_num(f["cpu_ms_per_order"], 3) for f in run["by_fifth"]) + " CPU ms an order"]
     return rows + [""]
 
 
