@@ -61,8 +61,8 @@ def _placed(order: Order) -> tuple[str, int]:
     return order.order_no, order.amounts.payable
 
 
-async def _frequency(order: Order, ctx: StageContext, limit: int) -> dict[str, bool]:
-    """{"member": within limit, "phone": within limit}, counted once per order."""
+async def _frequency(order: Order, ctx: StageContext, limit: int, placed: str) -> dict[str, bool]:
+    """{"member": within limit, "phone": within limit}, counted once per customer order (`placed`)."""
     counted = order.results.get("audit_counted")
     if counted is not None:
         return counted
@@ -70,7 +70,6 @@ async def _frequency(order: Order, ctx: StageContext, limit: int) -> dict[str, b
     bucket = int(now // HOUR)
     ttl = (bucket + 1) * HOUR - now + HOUR  # past the window's end, then Redis forgets it
     who = [(kind, ident) for kind, ident in (("member", order.member_id), ("phone", order.consignee.phone)) if ident]
-    placed, _ = _placed(order)
     # Both counters in one call: one round trip to the shared counters, not one each.
     answers = await ctx.coordination.take_capacities(
         [(f"audit:{kind}:{ident}:{bucket}", placed, limit, ttl) for kind, ident in who])
@@ -113,7 +112,7 @@ async def handle(order: Order, ctx: StageContext) -> Outcome:
         if score >= settings["cheat_threshold"]:
             order.results["audit"] = {"score": score}
             return cancel(f"audit: fraud score {score}")
-        counted = await _frequency(order, ctx, settings["max_orders_per_hour"])
+        counted = await _frequency(order, ctx, settings["max_orders_per_hour"], placed)
     order.results["audit"] = {"score": score} | ({"whitelisted": trusted} if trusted else {})
     reason = _review_reason(order, settings, score, counted)
     if reason and not order.results.get("audit_reviewed"):

@@ -179,22 +179,21 @@ POSTGRES_SETTINGS = ("fsync", "synchronous_commit", "full_page_writes", "shared_
 
 
 async def _postgres_settings(url: str) -> dict[str, str]:
-    import asyncpg
-    conn = await asyncpg.connect(url)
-    try:
-        rows = await conn.fetch("SELECT name, current_setting(name) FROM pg_settings WHERE name = ANY($1::text[])",
-                                list(POSTGRES_SETTINGS))
-    finally:
-        await conn.close()
-    found = dict(rows)
+    found = dict(await _on(url, "fetch", "SELECT name, current_setting(name) FROM pg_settings "
+                                         "WHERE name = ANY($1::text[])", list(POSTGRES_SETTINGS)))
     return {name: found[name] for name in POSTGRES_SETTINGS if name in found}
 
 
 async def _admin(server: str, statement: str) -> None:
+    await _on(f"{server.rstrip('/')}/postgres", "execute", statement)
+
+
+async def _on(url: str, method: str, statement: str, *args: Any) -> Any:
+    """One statement on a connection of its own (`method`: asyncpg's execute or fetch)."""
     import asyncpg
-    conn = await asyncpg.connect(f"{server.rstrip('/')}/postgres")
+    conn = await asyncpg.connect(url)
     try:
-        await conn.execute(statement)
+        return await getattr(conn, method)(statement, *args)
     finally:
         await conn.close()
 

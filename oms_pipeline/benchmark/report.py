@@ -34,9 +34,9 @@ def _gauge(g: dict[str, Any]) -> str:
             f"different gauges are not comparable")
 
 
-def _postgres(runs: dict[str, Any]) -> list[str]:
-    found = next((run["system"]["postgresql"] for run in runs.values()
-                  if isinstance(run, dict) and run.get("system", {}).get("postgresql")), None)
+def _postgres(r: dict[str, Any]) -> list[str]:
+    name = main_run(r)
+    found = r["runs"][name].get("system", {}).get("postgresql") if name else None
     return ["- PostgreSQL server: " + ", ".join(f"{k} {v}" for k, v in found.items())] if found else []
 
 
@@ -48,7 +48,7 @@ def markdown(r: dict[str, Any]) -> str:
              f"- machine: {r['machine']['cores']} cores, Python {r['machine']['python']}, "
              f"uvloop {r['machine']['uvloop']}, load average at start {_loads(r['machine']['load_average'])}",
              _gauge(r["machine"]["gauge"]),
-             *_postgres(r["runs"]),
+             *_postgres(r),
              f"- load: {_load(s)}", ""]
     lines += _runs_table(r["runs"])
     c = r["comparisons"]
