@@ -87,7 +87,7 @@ class Intake:
         orders = []
         for request in requests:
             self._available -= 1
-            orders.append(self._order(request, self._numbers.next(), now))
+            orders.append(self._order(request, self._numbers.next(now), now))
         refused: dict[int, str] = {}
         if self.stock is not None:
             for i, order in enumerate(orders):

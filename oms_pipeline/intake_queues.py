@@ -25,6 +25,7 @@ import orjson
 
 from . import schemas
 from .intake import Intake
+from .order_no import CHILD_PATTERN
 from .pipeline import ShuttingDown
 from .ports.intake import ACCEPTED, DUPLICATE, INVALID, RETRY, Handler, NotNow, Verdict
 
@@ -103,6 +104,7 @@ async def _reverse_request(reverse: Any, data: Any) -> Any:
         raise schemas.Invalid([{"path": "$", "reason": "expected an object"}])
     data = dict(data)
     order_no = data.pop("order_no", None)
-    if not isinstance(order_no, str) or not re.fullmatch(r"[0-9]{18}(-[0-9]{1,3})?", order_no):
-        raise schemas.Invalid([{"path": "order_no", "reason": "an order number is required (18 digits)"}])
+    if not isinstance(order_no, str) or not re.fullmatch(CHILD_PATTERN, order_no):
+        raise schemas.Invalid([{"path": "order_no",
+                                "reason": "an order number is required (30 digits, or 18 for older orders)"}])
     return await reverse.request(order_no, schemas.validate(schemas.ReverseIn, data))

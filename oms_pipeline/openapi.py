@@ -22,6 +22,7 @@ from pydantic.json_schema import models_json_schema
 
 from . import api, schemas, states
 from .order import KINDS, Order
+from .order_no import PATTERN
 
 REF = "#/components/schemas/{model}"
 Status = Literal[states.STATES]  # type: ignore[valid-type]
@@ -57,7 +58,7 @@ class ValidationProblem(_Answer):
 class Created(_Answer):
     """A new order."""
 
-    order_no: str = Field(pattern=r"^[0-9]{18}$")
+    order_no: str = Field(pattern=f"^{PATTERN}$")
     created: Literal[True]
     status: Status
     payable: int = Field(description="cents to pay (goods - discount - coupon - points + freight)")

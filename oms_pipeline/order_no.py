@@ -9,13 +9,24 @@ Seed 004 warns that sequential numbers reveal sales volume. So the counter is
 encrypted with a keyed permutation of [0, 10^16): a Feistel network over two
 8-digit halves whose round function is keyed BLAKE2b. Being a permutation it
 cannot collide; being keyed, two numbers say nothing about how many orders lie
-between them. The number is PREFIX + 16 digits + a Luhn check digit, 18 digits
-in all, so a mistyped digit is rejected before any lookup.
+between them.
+
+The number is PREFIX + the UTC second it was issued (yyMMddHHmmss) + the 16
+permuted digits + a Luhn check digit, 30 digits in all. The time is what a
+customer already knows about their order, and it says nothing about volume.
+It makes numbers increase from one second to the next, so every index keyed by
+order number takes new rows at its right-hand end: the pages being written stay
+in cache however large the tables grow, where fully permuted numbers land all
+over the index and read an ever larger share of it from disk. Uniqueness does
+not depend on the clock: the permuted counter alone never repeats. The check
+digit rejects a mistyped digit before any lookup. Numbers issued before the
+time was added are 18 digits (PREFIX + 16 + check) and stay valid.
 """
 from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from typing import Callable
 
 HALF = 10**8  # each Feistel half is 8 decimal digits
@@ -24,7 +35,13 @@ MAX_INSTANCES = 10_000
 SEQ_SPACE = DOMAIN // MAX_INSTANCES  # 10^12 numbers per instance
 ROUNDS = 6  # 4 is the Luby-Rackoff minimum; 2 more are cheap margin
 PREFIX = "1"  # non-zero, so the number survives being stored as an integer
-LENGTH = len(PREFIX) + 16 + 1
+STAMP = "%y%m%d%H%M%S"  # the UTC second of issue
+STAMP_DIGITS = 12
+LENGTH = len(PREFIX) + STAMP_DIGITS + 16 + 1
+LEGACY_LENGTH = len(PREFIX) + 16 + 1  # numbers issued before the stamp was added
+# An order number in a request, either length; split children add "-N".
+PATTERN = r"[0-9]{18}(?:[0-9]{12})?"
+CHILD_PATTERN = PATTERN + r"(?:-[0-9]{1,3})?"
 
 # Luhn doubles every second digit from the right; this maps d -> digit sum of 2d.
 _DOUBLED = bytes.maketrans(b"0123456789", b"0246813579")
@@ -40,7 +57,7 @@ def luhn_digit(payload: str) -> str:
 
 def is_valid(no: str, prefix: str = PREFIX) -> bool:
     """Well-formed order number: length, prefix, ASCII digits and check digit."""
-    return (len(no) == len(prefix) + 17 and no.startswith(prefix)
+    return (len(no) - len(prefix) in (STAMP_DIGITS + 17, 17) and no.startswith(prefix)
             and no.isascii() and no.isdigit() and luhn_digit(no[:-1]) == no[-1])
 
 
@@ -123,6 +140,7 @@ class OrderNumbers:
         self._reserve = reserve_block
         self._next = self._end = 0
         self._lock = threading.Lock()
+        self._stamp_cache = (-1, "")  # (second, its stamp), replaced as one object
 
     def _refill(self) -> None:
         first = self._reserve(self.block)
@@ -138,19 +156,26 @@ class OrderNumbers:
             seq, self._next = self._next, self._next + 1
         return seq
 
-    def next(self) -> str:
-        """A new order number, never handed out before."""
-        return self.format(self.instance * SEQ_SPACE + self._take())
+    def next(self, now: float | None = None) -> str:
+        """A new order number, never handed out before; `now` (epoch seconds, default
+        the system clock) is the time of issue it carries."""
+        return self.format(self.instance * SEQ_SPACE + self._take(), time.time() if now is None else now)
 
-    def format(self, counter: int) -> str:
-        """The order number of a counter value (pure: consumes no sequence)."""
-        payload = f"{self.prefix}{self._feistel.encrypt(counter):016d}"
+    def format(self, counter: int, now: float) -> str:
+        """The order number of a counter value issued at `now` (pure: consumes no sequence)."""
+        payload = f"{self.prefix}{self._stamp(int(now))}{self._feistel.encrypt(counter):016d}"
         return payload + luhn_digit(payload)
+
+    def _stamp(self, second: int) -> str:
+        cached = self._stamp_cache
+        if cached[0] != second:
+            cached = self._stamp_cache = (second, time.strftime(STAMP, time.gmtime(second)))
+        return cached[1]
 
     def counter_of(self, no: str) -> tuple[int, int]:
         """(instance, seq) behind a number; needs the key, so for operators only."""
         if not is_valid(no, self.prefix):
             raise ValueError(f"not a valid order number: {no!r}")
-        return divmod(self._feistel.decrypt(int(no[1:-1])), SEQ_SPACE)
+        return divmod(self._feistel.decrypt(int(no[-17:-1])), SEQ_SPACE)
 
     is_valid = staticmethod(is_valid)

@@ -301,7 +301,9 @@ class Reverse:
                                      (self._updated(record, doc, WAITING_GOODS),)):
                 raise Busy(f"order {record.order_no} changed meanwhile")
             return
-        ask = command("wms.intercept", f"{order.order_no}:{record.reverse_no}:intercept", order_no=order.order_no)
+        # The key comes back as the report's report_id (64 characters at most); the reverse
+        # number already names the order.
+        ask = command("wms.intercept", f"{record.reverse_no}:intercept", order_no=order.order_no)
         if not await self._write(stored, order, [states.INTERCEPTING], st.DONE, "intercepting", doc.reason, [ask],
                                  (self._updated(record, doc, INTERCEPTING),)):
             raise Busy(f"order {record.order_no} changed meanwhile")

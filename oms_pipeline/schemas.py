@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt
 from pydantic.fields import FieldInfo
 
 from .order import KINDS, PAYMENT_METHODS, SOURCES, ZONES
+from .order_no import CHILD_PATTERN, PATTERN
 
 Cents = Annotated[StrictInt, Field(ge=0, le=10_000_000_000)]
 Text = Annotated[str, Field(max_length=256)]
@@ -102,7 +103,7 @@ def incoherence(order: Any) -> str:
 
 
 class PaymentIn(_Strict):
-    order_no: Annotated[str, Field(pattern=r"^[0-9]{18}$")]
+    order_no: Annotated[str, Field(pattern=f"^{PATTERN}$")]
     payment_id: Code
     amount: Cents  # the whole payment: its non-cash part plus its cash part
     channel: Annotated[str, Field(max_length=32)] = "unknown"
@@ -163,7 +164,7 @@ class ReverseIn(_Strict):
 class ReportIn(_Strict):
     """A status report from the warehouse or the carrier."""
 
-    order_no: Annotated[str, Field(pattern=r"^[0-9]{18}(-[0-9]{1,3})?$")]
+    order_no: Annotated[str, Field(pattern=f"^{CHILD_PATTERN}$")]
     event: Literal[REPORT_EVENTS]  # type: ignore[valid-type]
     report_id: Code
 

@@ -120,7 +120,7 @@ def test_create_online_toc_answers_201_with_number_status_payable_and_pay_deadli
     answer = call(port, "POST", "/orders", order_request())
     assert answer.status == 201, answer
     body = shaped(openapi.Created, answer)
-    assert len(body["order_no"]) == 18 and body["order_no"].isdigit()
+    assert len(body["order_no"]) == 30 and body["order_no"].isdigit()
     assert body["created"] is True and body["status"] == states.WAIT_PAY
     assert body["payable"] == 2 * 1990 + 600
     assert before + 600 - 5 <= body["pay_deadline"] <= time.time() + 600 + 5  # payment.timeout, 10 min

@@ -4,10 +4,11 @@ import time
 
 import pytest
 
-from oms_pipeline.order_no import (LENGTH, SEQ_SPACE, Feistel, InMemoryBlocks, OrderNumbers,
+from oms_pipeline.order_no import (LEGACY_LENGTH, LENGTH, SEQ_SPACE, Feistel, InMemoryBlocks, OrderNumbers,
                                    is_valid, luhn_digit)
 
 KEY = b"test-key-0123456789abcdef"
+NOW = 1_796_689_200.0  # 2026-12-08 00:20:00 UTC
 
 
 def numbers(instance: int = 1, blocks: InMemoryBlocks | None = None, **kw) -> OrderNumbers:
@@ -27,13 +28,38 @@ def test_numbers_have_fixed_length_prefix_and_valid_check_digit():
     gen = numbers()
     for _ in range(10_000):
         no = gen.next()
-        assert len(no) == LENGTH == 18 and no.startswith("1") and no.isdigit()
+        assert len(no) == LENGTH == 30 and no.startswith("1") and no.isdigit()
         assert is_valid(no) and OrderNumbers.is_valid(no)
 
 
-def test_consecutive_numbers_are_not_ordered():
+def test_numbers_carry_the_utc_second_they_were_issued():
     gen = numbers()
-    issued = [int(gen.next()) for _ in range(10_000)]
+    assert gen.next(NOW)[1:13] == "261208002000"
+    assert gen.next(NOW + 59.9)[1:13] == "261208002059"
+    assert gen.next(NOW + 86_400)[1:13] == "261209002000"
+
+
+def test_numbers_of_later_seconds_sort_after_earlier_ones():
+    # What keeps inserts into indexes keyed by order number at the index's right-hand end.
+    gen = numbers()
+    issued = [gen.next(NOW + i // 100) for i in range(1_000)]
+    for earlier, later in zip(issued[:-100], issued[100:]):
+        assert earlier < later and int(earlier) < int(later)
+
+
+def test_numbers_issued_before_the_stamp_stay_valid():
+    # Made by the 18-digit format: prefix + the same permuted body + check digit.
+    gen = numbers(42, InMemoryBlocks(start=7_000))
+    body = gen.next(NOW)[-17:-1]
+    legacy = "1" + body + luhn_digit("1" + body)
+    assert len(legacy) == LEGACY_LENGTH == 18 and is_valid(legacy)
+    assert gen.counter_of(legacy) == (42, 7_000)
+    assert not is_valid(legacy[:-1] + str((int(legacy[-1]) + 1) % 10))
+
+
+def test_consecutive_numbers_within_a_second_are_not_ordered():
+    gen = numbers()
+    issued = [int(gen.next(NOW)) for _ in range(10_000)]
     increasing = sum(a < b for a, b in zip(issued, issued[1:])) / (len(issued) - 1)
     assert abs(increasing - 0.5) < 0.03
 
@@ -41,7 +67,7 @@ def test_consecutive_numbers_are_not_ordered():
 def test_differences_do_not_track_the_count_between_numbers():
     # Sequentially close numbers land all over the 16-digit range.
     gen = numbers()
-    bodies = [int(gen.next()[1:-1]) for _ in range(2_000)]
+    bodies = [int(gen.next()[-17:-1]) for _ in range(2_000)]
     assert min(bodies) < 10**15 and max(bodies) > 9 * 10**15
 
 
@@ -55,7 +81,7 @@ def test_check_digit_catches_every_single_digit_change():
 
 def test_malformed_numbers_are_invalid():
     no = numbers().next()
-    for bad in ("", no[:-1], no + "0", "2" + no[1:], no[:5] + "x" + no[6:], "１" + no[1:]):
+    for bad in ("", no[:-1], no + "0", no[:-2] + no[-1], "2" + no[1:], no[:5] + "x" + no[6:], "１" + no[1:]):
         assert not is_valid(bad)
 
 
@@ -83,9 +109,9 @@ def test_restart_continues_from_the_next_block_without_reuse():
 
 def test_operator_can_recover_instance_and_sequence_with_the_key():
     gen = numbers(42, InMemoryBlocks(start=7_000))
-    no = gen.next()
+    no = gen.next(NOW)
     assert gen.counter_of(no) == (42, 7_000)
-    assert numbers(0).format(42 * SEQ_SPACE + 7_000) == no  # pure mapping, same key
+    assert numbers(0).format(42 * SEQ_SPACE + 7_000, NOW) == no  # pure mapping, same key
 
 
 def test_a_different_key_gives_different_numbers():

@@ -95,13 +95,13 @@ def test_the_try_it_commands_work_as_printed(like_make_run):
         outputs[name] = done.stdout
         if name == "orders list":
             first = done.stdout.split("\n", 1)[0].split()
-            assert first and re.fullmatch(r"[0-9]{18}", first[0]) and first[1] == "WAIT_PAY", done.stdout
+            assert first and re.fullmatch(r"[0-9]{30}", first[0]) and first[1] == "WAIT_PAY", done.stdout
             order_no = first[0]
 
     assert outputs["submit --generate"].startswith("submitted 200: 200 created, 0 already known, 0 rejected")
     assert outputs["stats"].startswith("orders {") and "notify_paid" in outputs["stats"]
     listed = outputs["orders list"].strip().splitlines()
-    assert listed and all(re.match(r"[0-9]{18}  WAIT_PAY ", line) for line in listed)
+    assert listed and all(re.match(r"[0-9]{30}  WAIT_PAY ", line) for line in listed)
     assert re.fullmatch(rf"{order_no}: paid \([0-9]+ cents\)\n", outputs["pay <ORDER_NO>"])
     shown = outputs["order show"]
     assert shown.startswith(f"order {order_no}  ") and "release  paid" in shown
@@ -109,7 +109,7 @@ def test_the_try_it_commands_work_as_printed(like_make_run):
     assert outputs["routes --kind"].startswith("tob (") and "dispatch_wms -> @done" in outputs["routes --kind"]
     created = json.loads(outputs["curl -s"])
     assert created["created"] is True and created["status"] == "WAIT_PAY" and created["payable"] == 2 * 1990 + 600
-    assert re.fullmatch(r"[0-9]{18}", created["order_no"]) and created["pay_deadline"]
+    assert re.fullmatch(r"[0-9]{30}", created["order_no"]) and created["pay_deadline"]
     # The paragraph after the block: the same request again is 200 with the same order.
     again = run(next(c for c in try_it_block() if c.startswith("curl ")).replace("localhost:8480",
                                                                                f"localhost:{port}"), port)

@@ -107,7 +107,8 @@ class Env:
         return level.sellable, level.reserved, level.sold
 
     def effects(self, system: str, op: str, no: str) -> list:
-        return [e for e in self.app.effects.applied(system) if e.op == op and e.key.startswith(no)]
+        # A command's key begins with its order's number or with its reverse number (R + order number).
+        return [e for e in self.app.effects.applied(system) if e.op == op and e.key.startswith((no, "R" + no))]
 
 
 @asynccontextmanager
