@@ -82,6 +82,13 @@ def parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true")
     show.set_defaults(run=cmd_order_show)
 
+    s = sub.add_parser("order-no", help="where an order number came from: its second of issue, and with the "
+                                        "config's order_no_key the instance and sequence behind it")
+    s.add_argument("order_no")
+    s.add_argument("--config", help="config file (default: config/oms.toml)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(run=cmd_order_no)
+
     s = sub.add_parser("orders", help="orders").add_subparsers(required=True, metavar="ACTION")
     lst = s.add_parser("list", help="list orders by runtime state, member, status or customer tab")
     lst.add_argument("--state", help="runtime state (default: queued, unless another filter is given)")
@@ -312,6 +319,31 @@ def cmd_order_show(args: argparse.Namespace) -> int:
              f"  payable {order['amounts']['payable']}  paid {order['amounts']['paid']}  lines {len(order['lines'])}"]
     lines += [f"  {h['stage']:<15} {h['outcome']:<8} {h['reason']}" for h in view.get("history", [])]
     return emit(view, args.json, "\n".join(lines))
+
+
+def cmd_order_no(args: argparse.Namespace) -> int:
+    """Read locally, without the daemon: the key is in the config file, as the daemon has it."""
+    from . import config, order_no
+    try:
+        settings = config.load(args.config)
+    except config.ConfigError as exc:
+        print(f"oms: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    no = args.order_no.split("-")[0]  # a split child's number is its parent's + "-N"
+    if not order_no.is_valid(no):
+        print(f"oms: {args.order_no!r} is not an order number: {order_no.LENGTH} digits (or "
+              f"{order_no.LEGACY_LENGTH} for older orders) beginning with {order_no.PREFIX}, "
+              f"the last a check digit", file=sys.stderr)
+        return EXIT_USAGE
+    daemon = settings.daemon
+    instance, seq = order_no.OrderNumbers(daemon.order_no_key.encode(), daemon.instance_id,
+                                          order_no.InMemoryBlocks()).counter_of(no)
+    issued = order_no.issued_at(no)
+    body = {"order_no": args.order_no, "issued_at": issued, "instance": instance, "sequence": seq}
+    when = (time.strftime("issued %Y-%m-%d %H:%M:%S UTC", time.gmtime(issued)) if issued is not None
+            else "issued before numbers carried their time")
+    return emit(body, args.json, f"{args.order_no}: {when}, instance {instance}, sequence {seq} "
+                                 f"(decoded with the configured order_no_key)")
 
 
 def cmd_orders_list(args: argparse.Namespace) -> int:

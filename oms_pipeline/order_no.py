@@ -24,6 +24,7 @@ time was added are 18 digits (PREFIX + 16 + check) and stay valid.
 """
 from __future__ import annotations
 
+import calendar
 import hashlib
 import threading
 import time
@@ -59,6 +60,14 @@ def is_valid(no: str, prefix: str = PREFIX) -> bool:
     """Well-formed order number: length, prefix, ASCII digits and check digit."""
     return (len(no) - len(prefix) in (STAMP_DIGITS + 17, 17) and no.startswith(prefix)
             and no.isascii() and no.isdigit() and luhn_digit(no[:-1]) == no[-1])
+
+
+def issued_at(no: str) -> float | None:
+    """The UTC second a valid number carries (epoch seconds); None for an 18-digit number
+    issued before the time was added."""
+    if len(no) != LENGTH:
+        return None
+    return float(calendar.timegm(time.strptime(no[len(PREFIX):len(PREFIX) + STAMP_DIGITS], STAMP)))
 
 
 def _round_functions(key: bytes) -> list["hashlib._Hash"]:

@@ -518,6 +518,30 @@ def test_log_lines_of_a_request_carry_its_request_id(logged_run):
     assert all(r.get("request_id") for r in ours)
 
 
+# -- oms order-no ---------------------------------------------------------------
+
+def test_oms_order_no_reads_the_second_instance_and_sequence_behind_a_number(tmp_path):
+    from oms_pipeline import config
+    from oms_pipeline.order_no import InMemoryBlocks, OrderNumbers
+    key = "order-no-key-for-the-cli-test"
+    cfg = tmp_path / "oms.toml"
+    cfg.write_text(f'[daemon]\norder_no_key = "{key}"\n')
+    assert config.load(cfg).daemon.order_no_key == key
+    no = OrderNumbers(key.encode(), 7, InMemoryBlocks(4_321)).next(1_796_689_212.5)
+
+    def oms_order_no(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "oms_pipeline.cli", "order-no", *args, "--config", str(cfg)],
+                              capture_output=True, text=True, timeout=60, cwd=ROOT)
+
+    done = oms_order_no(no + "-2", "--json")
+    assert done.returncode == 0, done
+    assert json.loads(done.stdout) == {"order_no": no + "-2", "issued_at": 1_796_689_212.0,
+                                       "instance": 7, "sequence": 4_321}
+    assert "issued 2026-12-08 00:20:12 UTC, instance 7, sequence 4321" in oms_order_no(no).stdout
+    bad = oms_order_no(no[:-1] + str((int(no[-1]) + 1) % 10))
+    assert bad.returncode == 2 and "is not an order number" in bad.stderr and "check digit" in bad.stderr
+
+
 # -- oms check-config -----------------------------------------------------------
 
 ROUTES = ROOT / "config" / "routes.toml"

@@ -5,7 +5,7 @@ import time
 import pytest
 
 from oms_pipeline.order_no import (LEGACY_LENGTH, LENGTH, SEQ_SPACE, Feistel, InMemoryBlocks, OrderNumbers,
-                                   is_valid, luhn_digit)
+                                   is_valid, issued_at, luhn_digit)
 
 KEY = b"test-key-0123456789abcdef"
 NOW = 1_796_689_200.0  # 2026-12-08 00:20:00 UTC
@@ -37,6 +37,13 @@ def test_numbers_carry_the_utc_second_they_were_issued():
     assert gen.next(NOW)[1:13] == "261208002000"
     assert gen.next(NOW + 59.9)[1:13] == "261208002059"
     assert gen.next(NOW + 86_400)[1:13] == "261209002000"
+
+
+def test_the_second_of_issue_is_read_back_and_legacy_numbers_have_none():
+    gen = numbers()
+    assert issued_at(gen.next(NOW + 12.7)) == NOW + 12
+    body = gen.next(NOW)[-17:-1]
+    assert issued_at("1" + body + luhn_digit("1" + body)) is None
 
 
 def test_numbers_of_later_seconds_sort_after_earlier_ones():

@@ -47,7 +47,8 @@ def try_it_block() -> list[str]:
 def test_the_try_it_block_has_the_commands_this_test_knows():
     words = [" ".join(c.split("#")[0].split()[:3]) for c in try_it_block()]
     assert words == [f"{OMS} submit --generate", f"{OMS} stats", f"{OMS} orders list", f"{OMS} pay <ORDER_NO>",
-                     f"{OMS} order show", f"{OMS} exceptions list", f"{OMS} routes --kind",
+                     f"{OMS} order show", f"{OMS} order-no <ORDER_NO>", f"{OMS} exceptions list",
+                     f"{OMS} routes --kind",
                      "curl -s localhost:8480/orders"], words
 
 
@@ -105,6 +106,8 @@ def test_the_try_it_commands_work_as_printed(like_make_run):
     assert re.fullmatch(rf"{order_no}: paid \([0-9]+ cents\)\n", outputs["pay <ORDER_NO>"])
     shown = outputs["order show"]
     assert shown.startswith(f"order {order_no}  ") and "release  paid" in shown
+    assert re.fullmatch(rf"{order_no}: issued 20[0-9-]{{8}} [0-9:]{{8}} UTC, instance 0, sequence [0-9]+ \(.*\)\n",
+                        outputs["order-no <ORDER_NO>"]), outputs["order-no <ORDER_NO>"]
     assert outputs["exceptions list"].strip()  # "(none)" or one line per order
     assert outputs["routes --kind"].startswith("tob (") and "dispatch_wms -> @done" in outputs["routes --kind"]
     created = json.loads(outputs["curl -s"])
