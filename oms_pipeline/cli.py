@@ -321,13 +321,21 @@ def cmd_order_show(args: argparse.Namespace) -> int:
     return emit(view, args.json, "\n".join(lines))
 
 
-def cmd_order_no(args: argparse.Namespace) -> int:
-    """Read locally, without the daemon: the key is in the config file, as the daemon has it."""
-    from . import config, order_no
+def _config(path: str | None) -> Any:
+    """The settings of a config file, or None once what is wrong with it is printed."""
+    from . import config
     try:
-        settings = config.load(args.config)
+        return config.load(path)
     except config.ConfigError as exc:
         print(f"oms: {exc}", file=sys.stderr)
+        return None
+
+
+def cmd_order_no(args: argparse.Namespace) -> int:
+    """Read locally, without the daemon: the key is in the config file, as the daemon has it."""
+    from . import order_no
+    settings = _config(args.config)
+    if settings is None:
         return EXIT_USAGE
     no = args.order_no.split("-")[0]  # a split child's number is its parent's + "-N"
     if not order_no.is_valid(no):
@@ -403,11 +411,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     """Schema changes are an operator's step: the daemon never migrates a shared database itself."""
-    from . import config
-    try:
-        settings = config.load(args.config)
-    except config.ConfigError as exc:
-        print(f"oms: {exc}", file=sys.stderr)
+    settings = _config(args.config)
+    if settings is None:
         return EXIT_USAGE
     url = settings.store.url
     if url.startswith("memory://"):
