@@ -340,8 +340,8 @@ def cmd_order_no(args: argparse.Namespace) -> int:
     no = args.order_no.split("-")[0]  # a split child's number is its parent's + "-N"
     if not order_no.is_valid(no):
         print(f"oms: {args.order_no!r} is not an order number: {order_no.LENGTH} digits (or "
-              f"{order_no.LEGACY_LENGTH} for older orders) beginning with {order_no.PREFIX}, "
-              f"the last a check digit", file=sys.stderr)
+              f"{order_no.LEGACY_LENGTH} for older orders without the time): {order_no.PREFIX}, "
+              f"the UTC second of issue as yyMMddHHmmss, 16 digits, a check digit", file=sys.stderr)
         return EXIT_USAGE
     daemon = settings.daemon
     instance, seq = order_no.OrderNumbers(daemon.order_no_key.encode(), daemon.instance_id,

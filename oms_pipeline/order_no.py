@@ -57,17 +57,26 @@ def luhn_digit(payload: str) -> str:
 
 
 def is_valid(no: str, prefix: str = PREFIX) -> bool:
-    """Well-formed order number: length, prefix, ASCII digits and check digit."""
-    return (len(no) - len(prefix) in (STAMP_DIGITS + 17, 17) and no.startswith(prefix)
-            and no.isascii() and no.isdigit() and luhn_digit(no[:-1]) == no[-1])
+    """Well-formed order number: length, prefix, ASCII digits, a real time of issue (30 digits)
+    and check digit."""
+    digits = len(no) - len(prefix)
+    if not (digits in (STAMP_DIGITS + 17, 17) and no.startswith(prefix)
+            and no.isascii() and no.isdigit() and luhn_digit(no[:-1]) == no[-1]):
+        return False
+    return digits == 17 or _stamp_time(no, len(prefix)) is not None
 
 
 def issued_at(no: str) -> float | None:
     """The UTC second a valid number carries (epoch seconds); None for an 18-digit number
     issued before the time was added."""
-    if len(no) != LENGTH:
+    return _stamp_time(no, len(PREFIX)) if len(no) == LENGTH else None
+
+
+def _stamp_time(no: str, at: int) -> float | None:
+    try:
+        return float(calendar.timegm(time.strptime(no[at:at + STAMP_DIGITS], STAMP)))
+    except ValueError:  # not a date and time (month 13, 30 February, ...)
         return None
-    return float(calendar.timegm(time.strptime(no[len(PREFIX):len(PREFIX) + STAMP_DIGITS], STAMP)))
 
 
 def _round_functions(key: bytes) -> list["hashlib._Hash"]:

@@ -522,7 +522,7 @@ def test_log_lines_of_a_request_carry_its_request_id(logged_run):
 
 def test_oms_order_no_reads_the_second_instance_and_sequence_behind_a_number(tmp_path):
     from oms_pipeline import config
-    from oms_pipeline.order_no import InMemoryBlocks, OrderNumbers
+    from oms_pipeline.order_no import InMemoryBlocks, OrderNumbers, luhn_digit
     key = "order-no-key-for-the-cli-test"
     cfg = tmp_path / "oms.toml"
     cfg.write_text(f'[daemon]\norder_no_key = "{key}"\n')
@@ -540,6 +540,9 @@ def test_oms_order_no_reads_the_second_instance_and_sequence_behind_a_number(tmp
     assert "issued 2026-12-08 00:20:12 UTC, instance 7, sequence 4321" in oms_order_no(no).stdout
     bad = oms_order_no(no[:-1] + str((int(no[-1]) + 1) % 10))
     assert bad.returncode == 2 and "is not an order number" in bad.stderr and "check digit" in bad.stderr
+    no_date = "1" + "261307225012" + no[13:-1]  # month 13, with a correct check digit
+    bad = oms_order_no(no_date + luhn_digit(no_date))
+    assert bad.returncode == 2 and "is not an order number" in bad.stderr and "yyMMddHHmmss" in bad.stderr
 
 
 # -- oms check-config -----------------------------------------------------------

@@ -92,6 +92,14 @@ def test_malformed_numbers_are_invalid():
         assert not is_valid(bad)
 
 
+def test_a_number_whose_time_of_issue_is_no_date_is_invalid():
+    for stamp in ("261307225012", "260230120000", "261208246000"):  # month 13, 30 February, 24:60
+        payload = "1" + stamp + "1234567890123456"
+        assert not is_valid(payload + luhn_digit(payload))
+    payload = "1" + "261208002012" + "1234567890123456"
+    assert is_valid(payload + luhn_digit(payload)) and issued_at(payload + luhn_digit(payload)) == NOW + 12
+
+
 def test_luhn_matches_the_known_example():
     assert luhn_digit("7992739871") == "3"
 
