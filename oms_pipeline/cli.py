@@ -338,14 +338,14 @@ def cmd_order_no(args: argparse.Namespace) -> int:
     if settings is None:
         return EXIT_USAGE
     no = args.order_no.split("-")[0]  # a split child's number is its parent's + "-N"
-    if not order_no.is_valid(no):
-        print(f"oms: {args.order_no!r} is not an order number: {order_no.LENGTH} digits (or "
-              f"{order_no.LEGACY_LENGTH} for older orders without the time): {order_no.PREFIX}, "
-              f"the UTC second of issue as yyMMddHHmmss, 16 digits, a check digit", file=sys.stderr)
-        return EXIT_USAGE
     daemon = settings.daemon
-    instance, seq = order_no.OrderNumbers(daemon.order_no_key.encode(), daemon.instance_id,
-                                          order_no.InMemoryBlocks()).counter_of(no)
+    numbers = order_no.OrderNumbers(daemon.order_no_key.encode(), daemon.instance_id, order_no.InMemoryBlocks())
+    try:
+        instance, seq = numbers.counter_of(no)  # checks the number first
+    except ValueError:
+        print(f"oms: {args.order_no!r} is not an order number: {order_no.SHAPE} ({order_no.PREFIX}, the UTC "
+              f"second of issue as yyMMddHHmmss, 16 digits, a check digit)", file=sys.stderr)
+        return EXIT_USAGE
     issued = order_no.issued_at(no)
     body = {"order_no": args.order_no, "issued_at": issued, "instance": instance, "sequence": seq}
     when = (time.strftime("issued %Y-%m-%d %H:%M:%S UTC", time.gmtime(issued)) if issued is not None

@@ -25,7 +25,7 @@ import orjson
 
 from . import schemas
 from .intake import Intake
-from .order_no import CHILD_PATTERN
+from .order_no import CHILD_PATTERN, SHAPE
 from .pipeline import ShuttingDown
 from .ports.intake import ACCEPTED, DUPLICATE, INVALID, RETRY, Handler, NotNow, Verdict
 
@@ -105,6 +105,5 @@ async def _reverse_request(reverse: Any, data: Any) -> Any:
     data = dict(data)
     order_no = data.pop("order_no", None)
     if not isinstance(order_no, str) or not re.fullmatch(CHILD_PATTERN, order_no):
-        raise schemas.Invalid([{"path": "order_no",
-                                "reason": "an order number is required (30 digits, or 18 for older orders)"}])
+        raise schemas.Invalid([{"path": "order_no", "reason": f"an order number is required ({SHAPE})"}])
     return await reverse.request(order_no, schemas.validate(schemas.ReverseIn, data))

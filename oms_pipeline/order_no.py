@@ -41,8 +41,9 @@ STAMP_DIGITS = 12
 LENGTH = len(PREFIX) + STAMP_DIGITS + 16 + 1
 LEGACY_LENGTH = len(PREFIX) + 16 + 1  # numbers issued before the stamp was added
 # An order number in a request, either length; split children add "-N".
-PATTERN = r"[0-9]{18}(?:[0-9]{12})?"
+PATTERN = rf"[0-9]{{{LEGACY_LENGTH}}}(?:[0-9]{{{STAMP_DIGITS}}})?"
 CHILD_PATTERN = PATTERN + r"(?:-[0-9]{1,3})?"
+SHAPE = f"{LENGTH} digits, or {LEGACY_LENGTH} for older orders"  # for error messages
 
 # Luhn doubles every second digit from the right; this maps d -> digit sum of 2d.
 _DOUBLED = bytes.maketrans(b"0123456789", b"0246813579")
