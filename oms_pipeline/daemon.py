@@ -23,7 +23,7 @@ from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector
 
 from . import app as app_module
-from . import config, logs
+from . import compiled, config, logs
 from .api import Api
 from .config import ConfigError, Settings
 from .metrics import PipelineCollector, RelayCollector
@@ -83,7 +83,8 @@ async def serve(config_path: str | None) -> int:
     logs.setup(settings.daemon.log_level)
     tune_gc()
     log.info("starting", extra={"event": "start", "config": settings.source,
-                                "loop": type(asyncio.get_running_loop()).__module__})
+                                "loop": type(asyncio.get_running_loop()).__module__,
+                                "build": compiled.describe()})
     try:
         app = await app_module.build(settings)
     except app_module.StartupError as exc:  # e.g. an unmigrated database: restarting will not help

@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import anyio
 
-from .. import config
+from .. import compiled, config
 from ..daemon import tune_gc
 from . import advisor, peers, report, strategies, synthetic
 from .daemon import Backend, Daemon, run_settings
@@ -492,5 +492,5 @@ def machine() -> dict[str, Any]:
     import uvloop
     gauge = strategies.run(strategies.raw_chain, GAUGE_ITEMS)
     return {"cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-            "uvloop": uvloop.__version__, "load_average": os.getloadavg(),
+            "uvloop": uvloop.__version__, "build": compiled.describe(), "load_average": os.getloadavg(),
             "gauge": {"raw_chain_items_per_s": gauge["throughput"], "us_per_hop": gauge["us_per_hop"]}}

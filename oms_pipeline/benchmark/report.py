@@ -46,7 +46,8 @@ def markdown(r: dict[str, Any]) -> str:
              f"- command: `{r['command']}`", f"- scenario file: `{s['source']}`",
              f"- started {r['started']}, finished {r.get('finished', '')}",
              f"- machine: {r['machine']['cores']} cores, Python {r['machine']['python']}, "
-             f"uvloop {r['machine']['uvloop']}, load average at start {_loads(r['machine']['load_average'])}",
+             f"uvloop {r['machine']['uvloop']}, {r['machine'].get('build', 'build not recorded')}, "
+             f"load average at start {_loads(r['machine']['load_average'])}",
              _gauge(r["machine"]["gauge"]),
              *_postgres(r),
              f"- load: {_load(s)}", ""]
