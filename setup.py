@@ -18,19 +18,21 @@ import os
 from setuptools import Extension, setup
 
 COMPILED = (
-    "oms_pipeline/bqueue.py", "oms_pipeline/clock.py", "oms_pipeline/cpu_pool.py", "oms_pipeline/flags.py",
-    "oms_pipeline/generator.py", "oms_pipeline/intake.py", "oms_pipeline/metrics.py", "oms_pipeline/order_no.py",
-    "oms_pipeline/outcome.py", "oms_pipeline/pipeline.py", "oms_pipeline/relay.py", "oms_pipeline/routing.py",
-    "oms_pipeline/stage.py", "oms_pipeline/stock.py",
-    "oms_pipeline/worker.py", "oms_pipeline/ports/store.py",
+    "oms_pipeline/bqueue.py", "oms_pipeline/clock.py", "oms_pipeline/cpu_pool.py",
+    "oms_pipeline/flags.py", "oms_pipeline/generator.py", "oms_pipeline/intake.py",
+    "oms_pipeline/metrics.py", "oms_pipeline/order_no.py", "oms_pipeline/order.py",
+    "oms_pipeline/outcome.py", "oms_pipeline/pipeline.py", "oms_pipeline/relay.py",
+    "oms_pipeline/routing.py", "oms_pipeline/stage.py", "oms_pipeline/states.py",
+    "oms_pipeline/stock.py", "oms_pipeline/worker.py", "oms_pipeline/ports/store.py",
     "oms_pipeline/adapters/local_coordination.py", "oms_pipeline/adapters/memory_store.py",
     "oms_pipeline/adapters/postgres_store.py", "oms_pipeline/adapters/redis_coordination.py",
-    "oms_pipeline/adapters/sqlite_store.py",
-    "oms_pipeline/adapters/simulated/reservations.py", "oms_pipeline/adapters/simulated/systems.py",
-    "stages/allocate.py", "stages/audit.py", "stages/dispatch_wms.py", "stages/effective_time.py",
-    "stages/erp_stock.py", "stages/fill.py", "stages/flow_limit.py", "stages/gifts.py", "stages/invoice.py",
-    "stages/notify_paid.py", "stages/presale.py", "stages/reissue_sms.py", "stages/risk_check.py",
-    "stages/split.py", "stages/voucher.py", "stages/waybill.py",
+    "oms_pipeline/adapters/rabbitmq_publisher.py", "oms_pipeline/adapters/sqlite_store.py",
+    "oms_pipeline/adapters/simulated/effects.py", "oms_pipeline/adapters/simulated/reservations.py",
+    "oms_pipeline/adapters/simulated/systems.py", "stages/allocate.py", "stages/audit.py",
+    "stages/dispatch_wms.py", "stages/effective_time.py", "stages/erp_stock.py", "stages/fill.py",
+    "stages/flow_limit.py", "stages/gifts.py", "stages/invoice.py", "stages/notify_paid.py",
+    "stages/presale.py", "stages/reissue_sms.py", "stages/risk_check.py", "stages/split.py",
+    "stages/voucher.py", "stages/waybill.py",
 )
 
 DIRECTIVES = {

@@ -71,7 +71,7 @@ async def declare_events_exchange(connection: aio_pika.abc.AbstractConnection, p
     finally:
         try:
             await channel.close()
-        except (*_TRANSPORT,):
+        except _TRANSPORT:
             pass
 
 
