@@ -118,6 +118,17 @@ async def test_an_order_checkpointed_twice_in_one_batch_ends_at_the_last_record(
     assert [h.stage for h in await store.history("N1")] == ["intake", "a", "b", "c"]
 
 
+async def test_an_order_number_already_taken_fails_the_create_loudly(store):
+    # Only a fault gives two new orders one number (two instances with one instance id). The
+    # create fails; it never answers the new order with the other order's number as a duplicate.
+    await store.create([new("N1")])
+    with pytest.raises(asyncpg.UniqueViolationError, match="orders_pkey"):
+        await store.create([new("N1", ext="another")])
+    assert await store.find_external("app", "another") is None  # its key went with the failed batch
+    assert await store.create([new("N2", ext="another")]) == [("N2", True)]  # its retry gets a number of its own
+    assert (await store.get("N1")).doc == b'{"x":1}'
+
+
 @pytest.mark.parametrize("external_id", ["", "has\x1fa unit separator", "\x1e", "has\x1ea record separator"])
 async def test_text_that_looks_like_the_joined_encoding_round_trips(store, external_id):
     # One-row batches (a lone empty string), separators inside a value (the batch goes as arrays).

@@ -33,7 +33,11 @@ SELECT version FROM schema_migrations ORDER BY version;
 -- name: create_orders
 -- New orders and split children. Intake is idempotent on (source, external_id), held by
 -- order_keys (migration 012): a known pair inserts nothing and is absent from RETURNING, and
--- a replayed split stores no second set of children (their keys repeat).
+-- a replayed split stores no second set of children (their keys repeat). The orders insert
+-- has no ON CONFLICT of its own: only new pairs reach it, so an order number already taken
+-- is a fault (two instances with one instance id) that must fail the batch loudly, where
+-- DO NOTHING would answer the new order with the other order's number. It is also cheaper:
+-- no speculative insertion (bench/RESULTS.md).
 WITH n AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
                          $8::text[], $9::bytea[], $10::float8[], $11::text[], $12::float8[])
@@ -49,7 +53,6 @@ INSERT INTO orders (order_no, source, external_id, kind, state, stage, status, a
 SELECT n.order_no, n.source, n.external_id, n.kind, n.state, n.stage, n.status, 0, n.wake_at,
        n.parent_no, n.doc, n.at, n.at, n.member_id, $13::text
 FROM n JOIN k USING (order_no)
-ON CONFLICT DO NOTHING
 RETURNING order_no;
 
 -- name: orders_by_external
