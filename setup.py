@@ -3,7 +3,7 @@
 Everything else about the package is in pyproject.toml. The modules below are the ones an
 order passes through at every stage: the runtime's hop, the stages' logic, intake, the
 stores' client side, the simulated downstream systems. Compiled unchanged from their Python
-source (no type declarations), they cost the production benchmark's daemons ~17% less CPU
+source (no type declarations), they cost the production benchmark's daemons ~10% less CPU
 an order (bench/RESULTS.md). The source stays the truth: `oms_pipeline/compiled.py` imports a
 module from its .py wherever the extension is older than the source (an edit not yet
 rebuilt), and `make build` rebuilds.
