@@ -18,13 +18,12 @@ process and also times until every command was applied.
 from __future__ import annotations
 
 import argparse
-import secrets
 import time
 from uuid import uuid4
 
 import aio_pika
 import anyio
-import asyncpg
+from common import fresh_database
 
 from oms_pipeline import config
 from oms_pipeline.adapters.memory_store import MemoryStore
@@ -125,22 +124,14 @@ async def main(args: argparse.Namespace) -> None:
 
 
 async def on_postgres(args: argparse.Namespace, prefix: str) -> None:
-    from oms_pipeline.adapters.postgres_store import PostgresStore, migrate
-    name = f"oms_bench_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(f"{PG_SERVER}/postgres")
-    await admin.execute(f"CREATE DATABASE {name}")
-    try:
-        url = f"{PG_SERVER}/{name}"
-        await migrate(url)
+    from oms_pipeline.adapters.postgres_store import PostgresStore
+    async with fresh_database(PG_SERVER) as url:
         store = PostgresStore(url)
         await store.open()
         try:
             await timed(args, store, prefix)
         finally:
             await store.close()
-    finally:
-        await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
-        await admin.close()
 
 
 if __name__ == "__main__":

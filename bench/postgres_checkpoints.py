@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import argparse
 import random
-import secrets
 import time
 
 import anyio
-import asyncpg
 import orjson
-from common import server_cpu
+from common import fresh_database, server_cpu
 
-from oms_pipeline.adapters.postgres_store import PostgresStore, migrate
+from oms_pipeline.adapters.postgres_store import PostgresStore
 from oms_pipeline.ports.store import QUEUED, Checkpoint, NewOrder
 
 
@@ -52,7 +50,6 @@ async def caller(store: PostgresStore, orders: list[NewOrder], rounds: int, thin
 
 
 async def run(url: str, args: argparse.Namespace) -> None:
-    await migrate(url)
     store = PostgresStore(url, writers=args.writers, pool_size=max(args.writers + 1, 4))
     await store.open()
     groups = [[new_order(f"1{c:03d}{i:06d}", args.lines) for i in range(args.batch)] for c in range(args.callers)]
@@ -75,14 +72,8 @@ async def run(url: str, args: argparse.Namespace) -> None:
 
 
 async def main(args: argparse.Namespace) -> None:
-    name = f"oms_bench_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(f"{args.server}/postgres")
-    await admin.execute(f"CREATE DATABASE {name}")
-    try:
-        await run(f"{args.server}/{name}", args)
-    finally:
-        await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
-        await admin.close()
+    async with fresh_database(args.server) as url:
+        await run(url, args)
 
 
 if __name__ == "__main__":

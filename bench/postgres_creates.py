@@ -12,35 +12,26 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import statistics
 import time
 
 import anyio
 import asyncpg
-from common import server_cpu
+from common import fresh_database, server_cpu
 
-from oms_pipeline.adapters.postgres_store import _statement, migrate
+from oms_pipeline.adapters.postgres_store import _statement
 
 PLAIN = "FROM n JOIN k USING (order_no)\nRETURNING"
 CONFLICT = "FROM n JOIN k USING (order_no)\nON CONFLICT DO NOTHING\nRETURNING"
 
 
 async def main(args: argparse.Namespace) -> None:
-    name = f"oms_bench_creates_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(f"{args.server}/postgres")
-    await admin.execute(f"CREATE DATABASE {name}")
-    try:
-        url = f"{args.server}/{name}"
-        await migrate(url)
+    async with fresh_database(args.server) as url:
         conn = await asyncpg.connect(url)
         try:
             await measure(conn, args)
         finally:
             await conn.close()
-    finally:
-        await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
-        await admin.close()
 
 
 async def measure(conn: asyncpg.Connection, args: argparse.Namespace) -> None:
