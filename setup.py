@@ -43,8 +43,8 @@ DIRECTIVES = {
     "binding": True,  # functions keep __module__, __qualname__, introspection and pickling by name
 }
 
-# -O1: the generated C is large (a few MB a module), -O2 takes twice as long to build and the
-# code is calls into the interpreter either way.
+# -O1: the generated C is large (a few MB a module); -O2 built twice as slowly and ran no faster
+# (bench/RESULTS.md): the code is calls into the interpreter either way.
 COMPILE_ARGS = ["-O1", "-Wno-unused-function"] if os.name == "posix" else []
 
 

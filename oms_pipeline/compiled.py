@@ -22,6 +22,7 @@ PACKAGES = ("oms_pipeline", "stages")
 _SUFFIXES = tuple(importlib.machinery.EXTENSION_SUFFIXES)
 _INSTALLED = ("site-packages", "dist-packages")
 
+
 def _loads(directory: str, leaf: str) -> str:
     """How module `leaf` of `directory` loads: "compiled", "source" (an extension older than
     the .py, outside site-packages) or "" (no extension: plain Python as usual)."""
