@@ -491,6 +491,7 @@ def machine() -> dict[str, Any]:
     machine), so figures of different invocations compare only with their gauges beside them."""
     import uvloop
     gauge = strategies.run(strategies.raw_chain, GAUGE_ITEMS)
-    return {"cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+    return {"cores": os.cpu_count(), "python": platform.python_version(), "python_home": sys.base_prefix,
+            "platform": platform.platform(),
             "uvloop": uvloop.__version__, "build": compiled.describe(), "load_average": os.getloadavg(),
             "gauge": {"raw_chain_items_per_s": gauge["throughput"], "us_per_hop": gauge["us_per_hop"]}}

@@ -40,12 +40,18 @@ def _postgres(r: dict[str, Any]) -> list[str]:
     return ["- PostgreSQL server: " + ", ".join(f"{k} {v}" for k, v in found.items())] if found else []
 
 
+def _home(machine: dict[str, Any]) -> str:
+    """Where the interpreter lives: its build moves the figures (README "The interpreter")."""
+    return f" ({machine['python_home']})" if machine.get("python_home") else ""
+
+
 def markdown(r: dict[str, Any]) -> str:
     s = r["scenario"]
     lines = [f"# Benchmark: {s['name']}", "", s["description"], "",
              f"- command: `{r['command']}`", f"- scenario file: `{s['source']}`",
              f"- started {r['started']}, finished {r.get('finished', '')}",
-             f"- machine: {r['machine']['cores']} cores, Python {r['machine']['python']}, "
+             f"- machine: {r['machine']['cores']} cores, Python {r['machine']['python']}"
+             f"{_home(r['machine'])}, "
              f"uvloop {r['machine']['uvloop']}, {r['machine'].get('build', 'build not recorded')}, "
              f"load average at start {_loads(r['machine']['load_average'])}",
              _gauge(r["machine"]["gauge"]),
