@@ -24,8 +24,9 @@ _INSTALLED = ("site-packages", "dist-packages")
 
 
 def _loads(directory: str, leaf: str) -> str:
-    """How module `leaf` of `directory` loads: "compiled", "source" (an extension older than
-    the .py, outside site-packages) or "" (no extension: plain Python as usual)."""
+    """How module `leaf` of `directory` loads: "compiled", "stale" (an extension older than the
+    .py, outside site-packages: the .py is imported), "plain" (no extension) or "" (no such
+    module there)."""
     try:
         edited = os.stat(os.path.join(directory, leaf + ".py")).st_mtime
     except OSError:
@@ -36,8 +37,8 @@ def _loads(directory: str, leaf: str) -> str:
         except OSError:
             continue
         installed = any(part in directory for part in _INSTALLED)
-        return "source" if edited > built and not installed else "compiled"
-    return ""
+        return "stale" if edited > built and not installed else "compiled"
+    return "plain"
 
 
 class StaleExtensionGuard:
@@ -51,9 +52,9 @@ class StaleExtensionGuard:
         leaf = fullname.rpartition(".")[2]
         for directory in path:
             how = _loads(directory, leaf)
-            if how == "source":
+            if how == "stale":
                 return importlib.util.spec_from_file_location(fullname, os.path.join(directory, leaf + ".py"))
-            if how or os.path.exists(os.path.join(directory, leaf + ".py")):
+            if how:
                 return None  # the ordinary finders find the same file
         return None
 
@@ -75,15 +76,15 @@ def package_directories() -> list[str]:
 def status(directories: list[str] | None = None) -> dict[str, list[str]]:
     """What the packages' directories hold: the modules that load compiled, and those whose
     extension is older than their source (they load from the source)."""
-    found: dict[str, list[str]] = {"compiled": [], "source": []}
+    found: dict[str, list[str]] = {"compiled": [], "stale": []}
     for directory in package_directories() if directories is None else directories:
         parent = os.path.dirname(os.path.abspath(directory))
         for root, _, files in os.walk(directory):
             for name in sorted(f for f in files if f.endswith(".py")):
                 how = _loads(root, name[:-3])
-                if how:
+                if how in found:
                     found[how].append(os.path.relpath(os.path.join(root, name[:-3]), parent).replace(os.sep, "."))
-    return {"compiled": found["compiled"], "stale": found["source"]}
+    return found
 
 
 def describe(directories: list[str] | None = None) -> str:
